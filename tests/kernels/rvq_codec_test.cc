@@ -1,0 +1,202 @@
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "kernels/codebook.h"
+#include "kernels/codec.h"
+#include "kernels/rvq_fit.h"
+#include "kernels/vq_search.h"
+#include "tests/kernels/test_data.h"
+
+namespace vqkv::kernels {
+namespace {
+
+double RelError(const std::vector<float>& x, const std::vector<float>& y) {
+  double e = 0, r = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    e += double(x[i] - y[i]) * (x[i] - y[i]);
+    r += double(x[i]) * x[i];
+  }
+  return e / r;
+}
+
+std::shared_ptr<const Codebook> Fit(const KvShape& s, const std::vector<float>& x, StageConfig k,
+                                    StageConfig v, bool per_head = false, uint64_t seed = 1) {
+  FitOptions opts;
+  opts.iterations = 8;
+  opts.seed = seed;
+  auto cb = FitCodebook(RvqConfig::Uniform(s.layers, s.kv_heads, s.head_dim, k, v, per_head),
+                        testing::SamplesFrom(s, x), opts);
+  EXPECT_TRUE(cb.ok()) << cb.status();
+  return std::make_shared<const Codebook>(std::move(*cb));
+}
+
+std::vector<float> RoundTrip(std::shared_ptr<const Codebook> cb, const KvShape& s,
+                             const std::vector<float>& x, int beam = 1, std::string* payload = nullptr) {
+  CodecSpec spec;
+  spec.name = "rvq";
+  spec.sink_tokens = 0;
+  spec.beam = beam;
+  spec.codebook = cb;
+  auto codec = CreateCodec(spec);
+  EXPECT_TRUE(codec.ok()) << codec.status();
+  std::vector<std::string> out;
+  auto st = (*codec)->Encode({{s, DType::kF32, x.data(), 0}}, &out);
+  EXPECT_TRUE(st.ok()) << st;
+  if (payload) *payload = out[0];
+  EXPECT_EQ(int64_t(out[0].size()), (*codec)->PayloadBytes(s, DType::kF32, 0));
+  return *(*codec)->DecodeToFloat(out[0]);
+}
+
+TEST(RvqCodecTest, ErrorFallsAsStagesGrow) {
+  const KvShape s{1, 256, 2, 16};
+  const auto x = testing::RandomKv(s, 11);
+  double prev = 1e9;
+  for (int stages : {1, 2, 4, 8}) {
+    auto cb = Fit(s, x, {stages, 64}, {stages, 64});
+    const double e = RelError(x, RoundTrip(cb, s, x));
+    EXPECT_LT(e, prev) << stages << " stages";
+    prev = e;
+  }
+  EXPECT_LT(prev, 0.05);
+}
+
+TEST(RvqCodecTest, CodewordsAreRecoveredExactly) {
+  // Data built as sums of codewords of a hand-made codebook decodes back exactly.
+  const KvShape s{1, 20, 2, 8};
+  const StageConfig sc{2, 4};
+  RvqConfig cfg = RvqConfig::Uniform(1, 2, 8, sc, sc);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0, 1);
+  std::vector<std::vector<float>> tables(2, std::vector<float>(2 * 4 * 8));
+  for (auto& t : tables) {
+    for (int j = 0; j < 4 * 8; ++j) t[j] = 10 * nd(rng);  // stage 0: far apart
+    for (int j = 32; j < 64; ++j) t[j] = 0.1f * nd(rng);  // stage 1: small
+  }
+  auto cb = std::make_shared<const Codebook>(*Codebook::Create(cfg, tables));
+  std::vector<float> x(s.elements());
+  for (int c = 0; c < 2; ++c) {
+    for (int t = 0; t < s.tokens; ++t) {
+      for (int h = 0; h < 2; ++h) {
+        const int a = rng() % 4, b = rng() % 4;
+        for (int d = 0; d < 8; ++d) x[s.Offset(0, c, t, h) + d] = tables[c][a * 8 + d] + tables[c][32 + b * 8 + d];
+      }
+    }
+  }
+  const auto y = RoundTrip(cb, s, x);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(x[i], y[i], 1e-5f);
+}
+
+TEST(RvqCodecTest, BeamSearchNeverWorseThanGreedy) {
+  const KvShape s{1, 128, 2, 16};
+  const auto x = testing::RandomKv(s, 12);
+  const auto other = testing::RandomKv(s, 13);  // fit on other data so codes are imperfect
+  auto cb = Fit(s, other, {4, 16}, {4, 16});
+  std::vector<const float*> tabs, norms;
+  std::vector<int> sizes;
+  for (int i = 0; i < 4; ++i) {
+    tabs.push_back(cb->Table(0, 0, 0, i));
+    norms.push_back(cb->Norms(0, 0, 0, i));
+    sizes.push_back(16);
+  }
+  int better = 0;
+  for (int t = 0; t < s.tokens; ++t) {
+    const float* v = &x[s.Offset(0, 0, t, 0)];
+    int32_t cg[4], cbm[4];
+    const float eg = EncodeVector(v, 16, tabs, norms, sizes, 1, cg);
+    const float eb = EncodeVector(v, 16, tabs, norms, sizes, 8, cbm);
+    ASSERT_LE(eb, eg * (1 + 1e-6f) + 1e-6f) << "token " << t;
+    better += eb < eg * 0.999f;
+  }
+  EXPECT_GT(better, 0) << "beam search found nothing better on any vector";
+  EXPECT_LE(RelError(x, RoundTrip(cb, s, x, 8)), RelError(x, RoundTrip(cb, s, x, 1)));
+}
+
+TEST(RvqCodecTest, PerHeadCodebooks) {
+  const KvShape s{2, 96, 3, 8};
+  const auto x = testing::RandomKv(s, 14);
+  auto shared = Fit(s, x, {2, 32}, {2, 32}, false);
+  auto per_head = Fit(s, x, {2, 32}, {2, 32}, true);
+  EXPECT_EQ(per_head->config().CodebookBytes(), 3 * shared->config().CodebookBytes());
+  EXPECT_LT(RelError(x, RoundTrip(per_head, s, x)), 0.5);
+}
+
+TEST(RvqCodecTest, CodesArePackedAtLog2Size) {
+  const KvShape s{1, 64, 2, 16};
+  const auto x = testing::RandomKv(s, 15);
+  auto cb = Fit(s, x, {3, 1024}, {2, 512});
+  std::string payload;
+  RoundTrip(cb, s, x, 1, &payload);
+  const int64_t bits = 64 * 2 * (3 * 10 + 2 * 9);
+  EXPECT_EQ(int64_t(payload.size()), 40 + (bits + 7) / 8);
+}
+
+TEST(RvqCodecTest, RejectsShapeMismatchAndForeignCodebook) {
+  const KvShape s{1, 64, 2, 16};
+  const auto x = testing::RandomKv(s, 16);
+  auto cb = Fit(s, x, {2, 16}, {2, 16});
+  CodecSpec spec;
+  spec.name = "rvq";
+  spec.codebook = cb;
+  auto codec = *CreateCodec(spec);
+  std::vector<std::string> out;
+  std::vector<float> y(2 * 64 * 2 * 32);
+  auto st = codec->Encode({{{1, 64, 2, 32}, DType::kF32, y.data(), 0}}, &out);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("head_dim"), absl::string_view::npos) << st;
+  ASSERT_TRUE(codec->Encode({{s, DType::kF32, x.data(), 0}}, &out).ok());
+  spec.codebook = Fit(s, x, {2, 16}, {2, 16}, false, /*seed=*/99);
+  auto other = *CreateCodec(spec);
+  EXPECT_EQ(other->DecodeToFloat(out[0]).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(RvqFitTest, SameSeedSameCodebook) {
+  const KvShape s{1, 128, 2, 16};
+  const auto x = testing::RandomKv(s, 17);
+  EXPECT_EQ(Fit(s, x, {2, 32}, {1, 32})->id(), Fit(s, x, {2, 32}, {1, 32})->id());
+  EXPECT_NE(Fit(s, x, {2, 32}, {1, 32}, false, 1)->id(), Fit(s, x, {2, 32}, {1, 32}, false, 2)->id());
+}
+
+TEST(RvqFitTest, TruncationEqualsFittingFewerStages) {
+  const KvShape s{1, 128, 2, 16};
+  const auto x = testing::RandomKv(s, 18);
+  auto full = Fit(s, x, {4, 32}, {3, 32});
+  auto small = Fit(s, x, {2, 32}, {1, 32});
+  auto cut = TruncateCodebook(*full, small->config());
+  ASSERT_TRUE(cut.ok()) << cut.status();
+  EXPECT_EQ(cut->id(), small->id());
+}
+
+TEST(RvqFitTest, KMeansHandlesFewPointsAndEmptyClusters) {
+  std::vector<float> pts = {0, 0, 1, 1, 0, 0, 1, 1};  // 4 points, 2 distinct, dim 2
+  FitOptions opts;
+  double mse = -1;
+  auto c = KMeans(pts.data(), 4, 2, 8, opts, 1, &mse);  // more centroids than points
+  EXPECT_EQ(c.size(), 16u);
+  EXPECT_EQ(mse, 0);
+  std::vector<float> many(200 * 2);
+  for (int i = 0; i < 200; ++i) many[2 * i] = many[2 * i + 1] = float(i % 2);  // 2 distinct
+  c = KMeans(many.data(), 200, 2, 4, opts, 1, &mse);
+  EXPECT_NEAR(mse, 0, 1e-9);
+}
+
+TEST(RvqFitTest, RejectsBadSamples) {
+  KvSamples s;
+  s.layers = 1;
+  s.kv_heads = 1;
+  s.head_dim = 4;
+  s.k = {{1, 2, 3}};
+  s.v = {{1, 2, 3, 4}};
+  auto st = FitCodebook(RvqConfig::Uniform(1, 1, 4, {1, 2}, {1, 2}), s, {}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  s.k = {{1, 2, 3, NAN}};
+  st = FitCodebook(RvqConfig::Uniform(1, 1, 4, {1, 2}, {1, 2}), s, {}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("NaN"), absl::string_view::npos);
+  st = FitCodebook(RvqConfig::Uniform(1, 1, 8, {1, 2}, {1, 2}), s, {}).status();
+  EXPECT_NE(st.message().find("head_dim"), absl::string_view::npos);
+}
+
+}  // namespace
+}  // namespace vqkv::kernels
