@@ -72,7 +72,7 @@ absl::Status ValidateShape(const KvShape& s) {
 absl::StatusOr<PayloadHeader> ReadPayloadHeader(std::string_view payload) {
   if (payload.size() < sizeof(PayloadHeader)) {
     return absl::InvalidArgumentError(absl::StrCat("payload: ", payload.size(),
-                                                   " bytes is shorter than its 40-byte header"));
+                                                   " bytes is shorter than its header"));
   }
   PayloadHeader h;
   std::memcpy(&h, payload.data(), sizeof h);
@@ -89,6 +89,7 @@ absl::StatusOr<PayloadHeader> ReadPayloadHeader(std::string_view payload) {
     return absl::InvalidArgumentError(absl::StrCat("payload: sink_tokens ", h.sink_tokens,
                                                    " outside [0, tokens=", h.tokens, "]"));
   }
+  if (h.first_layer < 0) return absl::InvalidArgumentError("payload: negative first_layer");
   return h;
 }
 
@@ -167,15 +168,19 @@ absl::StatusOr<std::unique_ptr<Codec>> CreateCodec(const CodecSpec& spec) {
   return f(spec);
 }
 
-absl::Status Codec::CheckShape(const KvShape& shape) const { return ValidateShape(shape); }
+absl::Status Codec::CheckShape(const KvShape& shape, int first_layer) const {
+  if (first_layer < 0) return absl::InvalidArgumentError("first_layer must be >= 0");
+  return ValidateShape(shape);
+}
 
 void Codec::FillHeader(PayloadHeader* h) const { (void)h; }
 
-int64_t Codec::PayloadBytes(const KvShape& shape, DType dtype, int64_t first_token) const {
+int64_t Codec::PayloadBytes(const KvShape& shape, DType dtype, int64_t first_token,
+                            int first_layer) const {
   const int sinks = SinksOf(spec_.sink_tokens, first_token, shape.tokens);
   return int64_t{sizeof(PayloadHeader)} +
          int64_t{shape.layers} * 2 * sinks * shape.kv_heads * shape.head_dim * DTypeSize(dtype) +
-         BodyBytes(shape, sinks, dtype);
+         BodyBytes(shape, sinks, dtype, first_layer);
 }
 
 absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks, std::vector<std::string>* out) const {
@@ -184,7 +189,7 @@ absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks, std::vector<std
   std::vector<float> x;
   for (size_t b = 0; b < blocks.size(); ++b) {
     const KvBlockView& blk = blocks[b];
-    VQKV_RETURN_IF_ERROR(CheckShape(blk.shape));
+    VQKV_RETURN_IF_ERROR(CheckShape(blk.shape, blk.first_layer));
     if (static_cast<uint8_t>(blk.dtype) > 2) {
       return absl::InvalidArgumentError(absl::StrCat("block ", b, ": unsupported dtype"));
     }
@@ -212,6 +217,7 @@ absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks, std::vector<std
     h.kv_heads = blk.shape.kv_heads;
     h.head_dim = blk.shape.head_dim;
     h.sink_tokens = sinks;
+    h.first_layer = blk.first_layer;
     FillHeader(&h);
     std::string payload(reinterpret_cast<const char*>(&h), sizeof h);
     const size_t esize = DTypeSize(blk.dtype);
@@ -241,7 +247,7 @@ absl::Status Codec::Decode(absl::Span<const std::string_view> payloads, DType ou
                                                      ", not by ", Label()));
     }
     const KvShape shape = HeaderShape(h);
-    VQKV_RETURN_IF_ERROR(CheckShape(shape));
+    VQKV_RETURN_IF_ERROR(CheckShape(shape, h.first_layer));
     const int64_t n = shape.elements();
     if (out[b] == nullptr || out_bytes[b] < size_t(n) * DTypeSize(out_dtype)) {
       return absl::InvalidArgumentError(absl::StrCat("payload ", b, ": output buffer holds ", out_bytes[b],
@@ -252,7 +258,7 @@ absl::Status Codec::Decode(absl::Span<const std::string_view> payloads, DType ou
     const size_t esize = DTypeSize(in_dtype);
     const size_t row = size_t(shape.kv_heads) * shape.head_dim;
     const size_t sink_bytes = size_t(shape.layers) * 2 * sinks * row * esize;
-    const int64_t want = int64_t{sizeof(PayloadHeader)} + sink_bytes + BodyBytes(shape, sinks, in_dtype);
+    const int64_t want = int64_t{sizeof(PayloadHeader)} + sink_bytes + BodyBytes(shape, sinks, in_dtype, h.first_layer);
     if (int64_t(payloads[b].size()) != want) {
       return absl::InvalidArgumentError(absl::StrCat("payload ", b, ": ", payloads[b].size(),
                                                      " bytes, expected ", want, " for shape ", shape.DebugString()));

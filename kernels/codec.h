@@ -2,7 +2,7 @@
 // by name ("raw", "scalar", "rvq").
 //
 // Encoded payload layout (little-endian), identical for every codec:
-//   PayloadHeader (40 bytes) | sink tokens (lossless, fp32 of the input dtype's values as the
+//   PayloadHeader (48 bytes) | sink tokens (lossless, fp32 of the input dtype's values as the
 //   input dtype) | codec body
 // The header makes a payload self-describing: shape, input dtype, codec kind, sink count and,
 // for rvq, the first 8 bytes of the codebook id (checked on decode).
@@ -38,9 +38,11 @@ struct PayloadHeader {
   int32_t sink_tokens;    // leading tokens of this block stored losslessly
   int32_t group;          // scalar: group size; others 0
   uint8_t codebook_tag[8];  // rvq: first 8 bytes of the codebook id; zero otherwise
+  int32_t first_layer;    // model layer of the block's layer 0 (layer-range blocks)
+  int32_t reserved;       // zero
 };
 #pragma pack(pop)
-static_assert(sizeof(PayloadHeader) == 40);
+static_assert(sizeof(PayloadHeader) == 48);
 
 // Parses and validates a payload's header (magic, version, kind, dtype, shape). InvalidArgument
 // on garbage.
@@ -87,7 +89,8 @@ class Codec {
   absl::StatusOr<std::vector<float>> DecodeToFloat(std::string_view payload) const;
 
   // Exact payload size of a block of `shape`/`dtype` whose first token is `first_token`.
-  virtual int64_t PayloadBytes(const KvShape& shape, DType dtype, int64_t first_token) const;
+  virtual int64_t PayloadBytes(const KvShape& shape, DType dtype, int64_t first_token,
+                               int first_layer = 0) const;
 
  protected:
   explicit Codec(CodecSpec spec) : spec_(std::move(spec)) {}
@@ -97,8 +100,8 @@ class Codec {
   virtual absl::Status EncodeBody(const PayloadHeader& h, const float* x, std::string* body) const = 0;
   // Reconstructs all non-sink tokens into `x` (fp32, shape.elements()).
   virtual absl::Status DecodeBody(const PayloadHeader& h, std::string_view body, float* x) const = 0;
-  virtual int64_t BodyBytes(const KvShape& shape, int sinks, DType dtype) const = 0;
-  virtual absl::Status CheckShape(const KvShape& shape) const;
+  virtual int64_t BodyBytes(const KvShape& shape, int sinks, DType dtype, int first_layer) const = 0;
+  virtual absl::Status CheckShape(const KvShape& shape, int first_layer) const;
   virtual void FillHeader(PayloadHeader* h) const;
 
   CodecSpec spec_;

@@ -52,7 +52,8 @@ void AttentionAccumulator::Add(const AttentionInputs& in) {
       double mx = -1e300, mxh = -1e300;
       for (int64_t s = 0; s < n; ++s) {
         const float* k = in.k + (s * in.kv_heads + kvh) * in.dim;
-        const float* kh = in.k_hat + (s * in.kv_heads + kvh) * in.dim;
+        const bool exact = s < in.sink_tokens || s > t - in.recent_tokens;
+        const float* kh = (exact ? in.k : in.k_hat) + (s * in.kv_heads + kvh) * in.dim;
         double a = 0, c = 0;
         for (int d = 0; d < in.dim; ++d) {
           a += double(q[d]) * k[d];
@@ -76,18 +77,21 @@ void AttentionAccumulator::Add(const AttentionInputs& in) {
       for (int64_t s = 0; s < n; ++s) {
         p[s] /= z;
         ph[s] /= zh;
-        if (p[s] > 0) kl += p[s] * (std::log(p[s]) - std::log(std::max(ph[s], 1e-300)));
+        if (!in.output_only && p[s] > 0) kl += p[s] * (std::log(p[s]) - std::log(std::max(ph[s], 1e-300)));
       }
       local.kl += std::max(0.0, kl);
       for (int d = 0; d < in.dim; ++d) {
         double o = 0, oh = 0;
         for (int64_t s = 0; s < n; ++s) {
           o += p[s] * in.v[(s * in.kv_heads + kvh) * in.dim + d];
-          oh += ph[s] * in.v_hat[(s * in.kv_heads + kvh) * in.dim + d];
+          const bool exact = s < in.sink_tokens || s > t - in.recent_tokens;
+          oh += ph[s] * (exact ? in.v : in.v_hat)[(s * in.kv_heads + kvh) * in.dim + d];
         }
         local.out_err2 += (o - oh) * (o - oh);
         local.out_ref2 += o * o;
       }
+      ++local.queries;
+      if (in.output_only) continue;
       const int k = static_cast<int>(std::min<int64_t>(in.topk, n));
       std::iota(order.begin(), order.begin() + n, 0);
       std::iota(order_h.begin(), order_h.begin() + n, 0);
@@ -100,7 +104,6 @@ void AttentionAccumulator::Add(const AttentionInputs& in) {
         for (int j = 0; j < k; ++j) common += order[i] == order_h[j];
       }
       local.topk += double(common) / k;
-      ++local.queries;
     }
     std::lock_guard<std::mutex> lock(mu);
     logit_err2 += local.logit_err2;

@@ -41,6 +41,11 @@ struct AttentionInputs {
   int topk = 8;
   int64_t query_stride = 1;  // measure every query_stride-th position (from the end backwards)
   int64_t min_position = 0;  // measure queries at positions >= this
+  // As a decoder with a compressed cache sees it: for query t the reconstruction replaces key s
+  // only when sink_tokens <= s <= t - recent_tokens; other keys stay exact.
+  int sink_tokens = 0;
+  int recent_tokens = 0;
+  bool output_only = false;  // skip top-k and KL (cheaper; used when choosing a split)
 };
 
 // Accumulates metrics for one sequence into `acc` (sums; call Finish to average).

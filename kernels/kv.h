@@ -43,6 +43,9 @@ struct KvBlockView {
   // Position of the block's first token in its sequence. Tokens at positions below the codec's
   // sink count are stored losslessly (attention sinks).
   int64_t first_token = 0;
+  // Model layer of the block's first layer: a block may hold a range of layers
+  // [first_layer, first_layer + shape.layers) (codecs with per-layer parameters use it).
+  int32_t first_layer = 0;
 };
 
 // Calibration / evaluation vectors, one sequence per layer.

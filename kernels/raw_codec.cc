@@ -19,7 +19,7 @@ class RawCodec final : public Codec {
     const size_t row = size_t(s.kv_heads) * s.head_dim;
     const size_t n = size_t(s.tokens - h.sink_tokens) * row;
     const size_t off = body->size();
-    body->resize(off + size_t(BodyBytes(s, h.sink_tokens, dt)));
+    body->resize(off + size_t(BodyBytes(s, h.sink_tokens, dt, 0)));
     char* dst = body->data() + off;
     for (int l = 0; l < s.layers; ++l) {
       for (int c = 0; c < 2; ++c) {
@@ -42,7 +42,7 @@ class RawCodec final : public Codec {
     }
     return absl::OkStatus();
   }
-  int64_t BodyBytes(const KvShape& s, int sinks, DType dtype) const override {
+  int64_t BodyBytes(const KvShape& s, int sinks, DType dtype, int) const override {
     return int64_t{s.layers} * 2 * (s.tokens - sinks) * s.kv_heads * s.head_dim * DTypeSize(dtype);
   }
 };

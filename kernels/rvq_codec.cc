@@ -33,19 +33,25 @@ class RvqCodec final : public Codec {
     std::memcpy(h->codebook_tag, tag_, 8);
   }
 
-  absl::Status CheckShape(const KvShape& s) const override {
-    if (auto st = ValidateShape(s); !st.ok()) return st;
+  absl::Status CheckShape(const KvShape& s, int first_layer) const override {
+    if (auto st = Codec::CheckShape(s, first_layer); !st.ok()) return st;
     const RvqConfig& c = cb_.config();
-    if (s.layers != c.layers || s.kv_heads != c.kv_heads || s.head_dim != c.head_dim) {
+    if (first_layer + s.layers > c.layers || s.kv_heads != c.kv_heads || s.head_dim != c.head_dim) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "rvq codec: block shape ", s.DebugString(), " does not match codebook ", cb_.id(),
-          " (layers=", c.layers, ", kv_heads=", c.kv_heads, ", head_dim=", c.head_dim, ")"));
+          "rvq codec: block shape ", s.DebugString(), " at first_layer ", first_layer,
+          " does not match codebook ", cb_.id(), " (layers=", c.layers, ", kv_heads=", c.kv_heads,
+          ", head_dim=", c.head_dim, ")"));
     }
     return absl::OkStatus();
   }
 
-  int64_t BodyBytes(const KvShape& s, int sinks, DType) const override {
-    return (int64_t{s.tokens - sinks} * cb_.config().CodeBitsPerToken() + 7) / 8;
+  int64_t BodyBytes(const KvShape& s, int sinks, DType, int first_layer) const override {
+    const RvqConfig& c = cb_.config();
+    int64_t bits = 0;
+    for (int l = first_layer; l < first_layer + s.layers && l < c.layers; ++l) {
+      bits += int64_t{c.k[l].stages} * c.k[l].bits() + int64_t{c.v[l].stages} * c.v[l].bits();
+    }
+    return (int64_t{s.tokens - sinks} * s.kv_heads * bits + 7) / 8;
   }
 
   absl::Status EncodeBody(const PayloadHeader& h, const float* x, std::string* body) const override {
@@ -58,8 +64,9 @@ class RvqCodec final : public Codec {
     std::vector<float> r, dist;
     std::vector<int32_t> idx;
     for (int l = 0; l < s.layers; ++l) {
+      const int ml = h.first_layer + l;
       for (int c = 0; c < 2; ++c) {
-        const StageConfig& sc = cfg.at(l, c);
+        const StageConfig& sc = cfg.at(ml, c);
         auto& out = codes[l * 2 + c];
         out.assign(n * sc.stages, 0);
         r.assign(x + s.Offset(l, c, sinks, 0), x + s.Offset(l, c, sinks, 0) + n * dim);
@@ -72,8 +79,8 @@ class RvqCodec final : public Codec {
             std::vector<const float*> tabs, norms;
             std::vector<int> sizes;
             for (int i = 0; i < sc.stages; ++i) {
-              tabs.push_back(cb_.Table(l, c, g, i));
-              norms.push_back(cb_.Norms(l, c, g, i));
+              tabs.push_back(cb_.Table(ml, c, g, i));
+              norms.push_back(cb_.Norms(ml, c, g, i));
               sizes.push_back(sc.size);
             }
             ParallelFor(m, 16, [&](int64_t b, int64_t e) {
@@ -95,8 +102,8 @@ class RvqCodec final : public Codec {
           float* rw = const_cast<float*>(rp);
           idx.resize(m);
           for (int i = 0; i < sc.stages; ++i) {
-            const float* tab = cb_.Table(l, c, g, i);
-            NearestCodewords(rw, m, dim, tab, cb_.Norms(l, c, g, i), sc.size, idx.data(), nullptr);
+            const float* tab = cb_.Table(ml, c, g, i);
+            NearestCodewords(rw, m, dim, tab, cb_.Norms(ml, c, g, i), sc.size, idx.data(), nullptr);
             for (int64_t v = 0; v < m; ++v) {
               out[rows(v) * sc.stages + i] = idx[v];
               const float* cw = tab + int64_t{idx[v]} * dim;
@@ -110,7 +117,7 @@ class RvqCodec final : public Codec {
     BitWriter w(body);
     for (int l = 0; l < s.layers; ++l) {
       for (int c = 0; c < 2; ++c) {
-        const int bits = cfg.at(l, c).bits();
+        const int bits = cfg.at(h.first_layer + l, c).bits();
         for (int32_t code : codes[l * 2 + c]) w.Put(static_cast<uint32_t>(code), bits);
       }
     }
@@ -130,8 +137,9 @@ class RvqCodec final : public Codec {
     const int sinks = h.sink_tokens, t1 = s.tokens - sinks, dim = s.head_dim;
     BitReader rd(body);
     for (int l = 0; l < s.layers; ++l) {
+      const int ml = h.first_layer + l;
       for (int c = 0; c < 2; ++c) {
-        const StageConfig& sc = cfg.at(l, c);
+        const StageConfig& sc = cfg.at(ml, c);
         const int bits = sc.bits();
         for (int t = 0; t < t1; ++t) {
           for (int hh = 0; hh < s.kv_heads; ++hh) {
@@ -140,7 +148,7 @@ class RvqCodec final : public Codec {
             for (int i = 0; i < sc.stages; ++i) {
               const uint32_t code = rd.Get(bits);
               // Codes are < size by construction (size is a power of two and bits = log2 size).
-              const float* cw = cb_.Table(l, c, g, i) + int64_t{code} * dim;
+              const float* cw = cb_.Table(ml, c, g, i) + int64_t{code} * dim;
               for (int d = 0; d < dim; ++d) out[d] += cw[d];
             }
           }

@@ -44,7 +44,7 @@ class ScalarCodec final : public Codec {
   int group_k() const { return spec_.scalar_group; }
   int group_v(const KvShape& s) const { return std::min(spec_.scalar_group, s.head_dim); }
 
-  int64_t BodyBytes(const KvShape& s, int sinks, DType) const override {
+  int64_t BodyBytes(const KvShape& s, int sinks, DType, int) const override {
     const int64_t n = int64_t{s.layers} * (s.tokens - sinks) * s.kv_heads * s.head_dim;
     return (KGroups(s, sinks) + VGroups(s, sinks)) * 4 + 2 * PackedBytes(n, spec_.scalar_bits);
   }

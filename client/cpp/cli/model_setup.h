@@ -1,0 +1,30 @@
+// Loading the model, tokenizer and story text for the CLI's model-based commands, with the
+// defaults and error messages users see.
+// Thread-safety: plain functions.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/llama.h"
+#include "model/tokenizer.h"
+
+namespace vqkv::cli {
+
+struct ModelSetup {
+  std::string model_dir;
+  model::LlamaModel model;
+  model::Tokenizer tokenizer;
+  std::vector<std::string> stories;
+};
+
+// Loads `model_dir` (config.json, model.safetensors, tokenizer.json) and the stories of
+// `text_path`. NotFound with a hint naming --model/--text when either is missing.
+absl::StatusOr<ModelSetup> LoadModelSetup(const std::string& model_dir, const std::string& text_path);
+
+// "first-half", "second-half" or "all" of the stories.
+absl::StatusOr<std::vector<std::string>> SelectPart(const std::vector<std::string>& stories,
+                                                    const std::string& part);
+
+}  // namespace vqkv::cli

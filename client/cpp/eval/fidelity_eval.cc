@@ -1,0 +1,358 @@
+#include "client/cpp/eval/fidelity_eval.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+#include "model/scoring.h"
+
+namespace vqkv::eval {
+
+int64_t Corpus::tokens() const {
+  int64_t n = 0;
+  for (const auto& s : seqs) n += int64_t(s.size());
+  return n;
+}
+
+Corpus BuildCorpus(const model::Tokenizer& tok, const std::vector<std::string>& stories, int max_tokens,
+                   int min_tokens, int max_seqs, bool pack) {
+  Corpus c;
+  std::vector<int> cur;
+  auto flush = [&] {
+    if (int(cur.size()) >= min_tokens) c.seqs.push_back(cur);
+    cur.clear();
+  };
+  for (const auto& s : stories) {
+    if (max_seqs > 0 && int(c.seqs.size()) >= max_seqs) break;
+    std::vector<int> ids = tok.EncodeForScoring(s);
+    if (int(ids.size()) > max_tokens) ids.resize(max_tokens);
+    if (!pack) {
+      cur = std::move(ids);
+      flush();
+      continue;
+    }
+    if (cur.size() + ids.size() > size_t(max_tokens)) flush();
+    cur.insert(cur.end(), ids.begin(), ids.end());
+  }
+  if (!cur.empty() && (max_seqs <= 0 || int(c.seqs.size()) < max_seqs)) flush();
+  return c;
+}
+
+absl::StatusOr<kernels::KvSamples> CaptureSamples(const model::LlamaModel& m, const Corpus& c) {
+  const auto& cfg = m.config();
+  kernels::KvSamples s;
+  s.layers = cfg.num_hidden_layers;
+  s.kv_heads = cfg.num_key_value_heads;
+  s.head_dim = cfg.head_dim;
+  s.q_heads = cfg.num_attention_heads;
+  s.k.resize(s.layers);
+  s.v.resize(s.layers);
+  s.q.resize(s.layers);
+  for (const auto& seq : c.seqs) {
+    model::KvCache cache;
+    model::ForwardOptions opts;
+    opts.capture = &cache;
+    VQKV_RETURN_IF_ERROR(m.Forward(seq, opts).status());
+    for (int l = 0; l < s.layers; ++l) {
+      s.k[l].insert(s.k[l].end(), cache.k[l].begin(), cache.k[l].end());
+      s.v[l].insert(s.v[l].end(), cache.v[l].begin(), cache.v[l].end());
+      s.q[l].insert(s.q[l].end(), cache.q[l].begin(), cache.q[l].end());
+    }
+    s.seq_lens.push_back(int64_t(seq.size()));
+  }
+  return s;
+}
+
+absl::StatusOr<Reference> ComputeReference(const model::LlamaModel& m, const Corpus& c) {
+  Reference r;
+  for (const auto& seq : c.seqs) {
+    VQKV_ASSIGN_OR_RETURN(std::vector<float> logits, m.Forward(seq, {}));
+    r.logits.push_back(std::move(logits));
+  }
+  return r;
+}
+
+namespace {
+
+// Log-softmax of one row.
+void LogSoftmax(const float* x, int n, std::vector<double>* out) {
+  out->resize(n);
+  const double mx = *std::max_element(x, x + n);
+  double z = 0;
+  for (int i = 0; i < n; ++i) z += std::exp(double(x[i]) - mx);
+  const double lz = std::log(z) + mx;
+  for (int i = 0; i < n; ++i) (*out)[i] = double(x[i]) - lz;
+}
+
+}  // namespace
+
+absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, const Reference& ref,
+                                 const kernels::Codec& codec, int64_t codebook_bytes, const EvalOptions& opts) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto& cfg = m.config();
+  const int L = cfg.num_hidden_layers, H = cfg.num_key_value_heads, D = cfg.head_dim;
+  const int V = cfg.vocab_size;
+  EvalRow row;
+  row.codec = codec.Label();
+  double k_err = 0, k_ref = 0, v_err = 0, v_ref = 0, k_cos = 0, v_cos = 0;
+  int64_t vec = 0;
+  kernels::AttentionAccumulator attn;
+  double nll_ref = 0, nll = 0, kl = 0;
+  int64_t scored = 0, agree = 0;
+  int64_t stored_bytes = 0, code_bytes = 0, compressed_elems = 0;
+  const int first = opts.sink_tokens + opts.recent_tokens;
+  for (size_t si = 0; si < c.seqs.size(); ++si) {
+    const auto& seq = c.seqs[si];
+    const int T = int(seq.size());
+    std::vector<std::vector<float>> k_hat(L), v_hat(L);
+    model::KvCache cache;
+    model::ForwardOptions fo;
+    fo.capture = &cache;
+    fo.sink_tokens = opts.sink_tokens;
+    fo.recent_tokens = opts.recent_tokens;
+    fo.transform = [&](int layer, const std::vector<float>& k, const std::vector<float>& v, std::vector<float>* kh,
+                       std::vector<float>* vh) -> absl::Status {
+      // Store the layer as blocks of block_tokens, as the service would, and read it back.
+      const int64_t row_elems = int64_t{H} * D;
+      for (int b0 = 0; b0 < T; b0 += opts.block_tokens) {
+        const int n = std::min(opts.block_tokens, T - b0);
+        std::vector<float> blk(size_t(2) * n * row_elems);
+        std::memcpy(blk.data(), k.data() + b0 * row_elems, n * row_elems * 4);
+        std::memcpy(blk.data() + n * row_elems, v.data() + b0 * row_elems, n * row_elems * 4);
+        const kernels::KvShape shape{1, n, H, D};
+        std::vector<std::string> payload;
+        VQKV_RETURN_IF_ERROR(codec.Encode({{shape, DType::kF32, blk.data(), b0, layer}}, &payload));
+        VQKV_ASSIGN_OR_RETURN(std::vector<float> back, codec.DecodeToFloat(payload[0]));
+        std::memcpy(kh->data() + b0 * row_elems, back.data(), n * row_elems * 4);
+        std::memcpy(vh->data() + b0 * row_elems, back.data() + n * row_elems, n * row_elems * 4);
+        // Accounting on the fp16 basis a serving engine would send.
+        stored_bytes += codec.PayloadBytes(shape, DType::kF16, b0, layer);
+        const int sinks = int(std::max<int64_t>(0, std::min<int64_t>(opts.sink_tokens - b0, n)));
+        code_bytes += codec.PayloadBytes(shape, DType::kF16, b0, layer) - int64_t(sizeof(kernels::PayloadHeader)) -
+                      int64_t{2} * sinks * row_elems * 2;
+        compressed_elems += int64_t{2} * (n - sinks) * row_elems;
+      }
+      k_hat[layer] = *kh;
+      v_hat[layer] = *vh;
+      return absl::OkStatus();
+    };
+    VQKV_ASSIGN_OR_RETURN(std::vector<float> logits, m.Forward(seq, fo));
+    for (int l = 0; l < L; ++l) {
+      const int64_t skip = int64_t{std::min(opts.sink_tokens, T)} * H * D;
+      const int64_t nvec = int64_t{T - std::min(opts.sink_tokens, T)} * H;
+      const auto ke = kernels::CompareVectors(cache.k[l].data() + skip, k_hat[l].data() + skip, nvec, D);
+      const auto ve = kernels::CompareVectors(cache.v[l].data() + skip, v_hat[l].data() + skip, nvec, D);
+      double kr = 0, vr = 0;
+      for (int64_t i = skip; i < int64_t(cache.k[l].size()); ++i) {
+        kr += double(cache.k[l][i]) * cache.k[l][i];
+        vr += double(cache.v[l][i]) * cache.v[l][i];
+      }
+      k_err += ke.rel_error * kr;
+      k_ref += kr;
+      v_err += ve.rel_error * vr;
+      v_ref += vr;
+      k_cos += ke.cosine * nvec;
+      v_cos += ve.cosine * nvec;
+      vec += nvec;
+      kernels::AttentionInputs in;
+      in.q = cache.q[l].data();
+      in.k = cache.k[l].data();
+      in.v = cache.v[l].data();
+      in.k_hat = k_hat[l].data();
+      in.v_hat = v_hat[l].data();
+      in.tokens = T;
+      in.q_heads = cfg.num_attention_heads;
+      in.kv_heads = H;
+      in.dim = D;
+      in.min_position = first;
+      in.sink_tokens = opts.sink_tokens;
+      in.recent_tokens = opts.recent_tokens;
+      if (T > first) attn.Add(in);
+    }
+    VQKV_ASSIGN_OR_RETURN(model::TokenScores sc, model::ScoreTokens(logits, seq, first));
+    VQKV_ASSIGN_OR_RETURN(model::TokenScores sr, model::ScoreTokens(ref.logits[si], seq, first));
+    nll += sc.mean_nll * sc.scored;
+    nll_ref += sr.mean_nll * sr.scored;
+    std::vector<double> lp, lq;
+    for (int t = first; t < T - 1; ++t) {
+      agree += sc.argmax[t] == sr.argmax[t];
+      LogSoftmax(ref.logits[si].data() + int64_t{t} * V, V, &lp);
+      LogSoftmax(logits.data() + int64_t{t} * V, V, &lq);
+      double d = 0;
+      for (int i = 0; i < V; ++i) d += std::exp(lp[i]) * (lp[i] - lq[i]);
+      kl += std::max(0.0, d);
+    }
+    scored += sc.scored;
+  }
+  if (scored == 0) return absl::InvalidArgumentError("evaluate: no sequence longer than sinks + recent window");
+  row.k.rel_error = k_ref > 0 ? k_err / k_ref : 0;
+  row.v.rel_error = v_ref > 0 ? v_err / v_ref : 0;
+  row.k.cosine = k_cos / double(vec);
+  row.v.cosine = v_cos / double(vec);
+  row.k.vectors = row.v.vectors = vec;
+  row.attention = attn.Finish();
+  row.ppl_ref = std::exp(nll_ref / double(scored));
+  row.ppl = std::exp(nll / double(scored));
+  row.ppl_delta_pct = (row.ppl / row.ppl_ref - 1) * 100;
+  row.top1_pct = 100.0 * double(agree) / double(scored);
+  row.kl = kl / double(scored);
+  row.scored = scored;
+  const double elems = double(c.tokens()) * L * 2 * H * D;
+  const double cb_share = double(codebook_bytes) * double(c.tokens()) / double(opts.amortise_tokens);
+  row.bits_all_in = (double(stored_bytes) + cb_share) * 8 / elems;
+  row.bits_codes = compressed_elems > 0 ? double(code_bytes) * 8 / double(compressed_elems) : 0;
+  row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return row;
+}
+
+absl::StatusOr<EvalRow> EvaluateOnSamples(const kernels::KvSamples& s, const kernels::Codec& codec,
+                                          int64_t codebook_bytes, const EvalOptions& opts) {
+  const auto t0 = std::chrono::steady_clock::now();
+  EvalRow row;
+  row.codec = codec.Label();
+  std::vector<int64_t> lens = s.seq_lens;
+  if (lens.empty()) lens.push_back(s.tokens(0));
+  const int H = s.kv_heads, D = s.head_dim;
+  const int64_t rowe = int64_t{H} * D;
+  double k_err = 0, k_ref = 0, v_err = 0, v_ref = 0, k_cos = 0, v_cos = 0;
+  int64_t stored = 0, vec = 0;
+  kernels::AttentionAccumulator attn;
+  for (int l = 0; l < s.layers; ++l) {
+    int64_t off = 0;
+    for (int64_t len : lens) {
+      std::vector<float> blk(2 * len * rowe);
+      std::memcpy(blk.data(), s.k[l].data() + off * rowe, len * rowe * 4);
+      std::memcpy(blk.data() + len * rowe, s.v[l].data() + off * rowe, len * rowe * 4);
+      const kernels::KvShape shape{1, int(len), H, D};
+      std::vector<std::string> payload;
+      VQKV_RETURN_IF_ERROR(codec.Encode({{shape, DType::kF32, blk.data(), 0, l}}, &payload));
+      stored += codec.PayloadBytes(shape, DType::kF16, 0, l);
+      VQKV_ASSIGN_OR_RETURN(std::vector<float> back, codec.DecodeToFloat(payload[0]));
+      const int64_t skip = std::min<int64_t>(opts.sink_tokens, len);
+      const auto ke = kernels::CompareVectors(blk.data() + skip * rowe, back.data() + skip * rowe, (len - skip) * H, D);
+      const auto ve = kernels::CompareVectors(blk.data() + (len + skip) * rowe, back.data() + (len + skip) * rowe,
+                                              (len - skip) * H, D);
+      double kr = 0, vr = 0;
+      for (int64_t i = skip * rowe; i < len * rowe; ++i) {
+        kr += double(blk[i]) * blk[i];
+        vr += double(blk[len * rowe + i]) * blk[len * rowe + i];
+      }
+      k_err += ke.rel_error * kr;
+      k_ref += kr;
+      v_err += ve.rel_error * vr;
+      v_ref += vr;
+      k_cos += ke.cosine * double(ke.vectors);
+      v_cos += ve.cosine * double(ve.vectors);
+      vec += ke.vectors;
+      if (!s.q.empty() && len > opts.sink_tokens + opts.recent_tokens) {
+        kernels::AttentionInputs in;
+        in.q = s.q[l].data() + off * s.q_heads * D;
+        in.k = blk.data();
+        in.v = blk.data() + len * rowe;
+        in.k_hat = back.data();
+        in.v_hat = back.data() + len * rowe;
+        in.tokens = len;
+        in.q_heads = s.q_heads;
+        in.kv_heads = H;
+        in.dim = D;
+        in.min_position = opts.sink_tokens + opts.recent_tokens;
+        in.sink_tokens = opts.sink_tokens;
+        in.recent_tokens = opts.recent_tokens;
+        attn.Add(in);
+      }
+      off += len;
+    }
+  }
+  row.k.rel_error = k_ref > 0 ? k_err / k_ref : 0;
+  row.v.rel_error = v_ref > 0 ? v_err / v_ref : 0;
+  row.k.cosine = vec > 0 ? k_cos / double(vec) : 1;
+  row.v.cosine = vec > 0 ? v_cos / double(vec) : 1;
+  row.k.vectors = row.v.vectors = vec;
+  row.attention = attn.Finish();
+  row.ppl_ref = row.ppl = row.ppl_delta_pct = row.top1_pct = row.kl = std::nan("");
+  const double elems = double(s.tokens(0)) * s.layers * 2 * rowe;
+  row.bits_all_in = (double(stored) + double(codebook_bytes) * double(s.tokens(0)) / double(opts.amortise_tokens)) * 8 / elems;
+  row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return row;
+}
+
+kernels::KvSamples SyntheticSamples(int layers, int kv_heads, int q_heads, int head_dim, int seqs, int seq_len,
+                                    uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0, 1);
+  kernels::KvSamples s;
+  s.layers = layers;
+  s.kv_heads = kv_heads;
+  s.q_heads = q_heads;
+  s.head_dim = head_dim;
+  s.k.resize(layers);
+  s.v.resize(layers);
+  s.q.resize(layers);
+  for (int i = 0; i < seqs; ++i) s.seq_lens.push_back(seq_len);
+  const int64_t n = int64_t{seqs} * seq_len;
+  for (int l = 0; l < layers; ++l) {
+    // Keys: per-channel offsets with a few large outlier channels, rotated by position like
+    // RoPE; values: plain noise with a mild per-channel scale; queries correlate with keys.
+    std::vector<float> off(head_dim), scale(head_dim);
+    for (int d = 0; d < head_dim; ++d) {
+      off[d] = (d % 7 == 0 ? 4.f : 0.5f) * nd(rng);
+      scale[d] = 0.5f + std::abs(nd(rng));
+    }
+    s.k[l].resize(n * kv_heads * head_dim);
+    s.v[l].resize(n * kv_heads * head_dim);
+    s.q[l].resize(n * q_heads * head_dim);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t pos = t % seq_len;
+      for (int h = 0; h < kv_heads; ++h) {
+        float* k = &s.k[l][(t * kv_heads + h) * head_dim];
+        float* v = &s.v[l][(t * kv_heads + h) * head_dim];
+        for (int d = 0; d < head_dim; ++d) {
+          k[d] = off[d] + scale[d] * nd(rng);
+          v[d] = scale[d] * nd(rng);
+        }
+        for (int d = 0; d + 1 < head_dim; d += 2) {
+          const double th = pos * std::pow(10000.0, -double(d) / head_dim);
+          const float a = k[d], b = k[d + 1];
+          k[d] = float(a * std::cos(th) - b * std::sin(th));
+          k[d + 1] = float(a * std::sin(th) + b * std::cos(th));
+        }
+      }
+      for (int h = 0; h < q_heads; ++h) {
+        const float* k = &s.k[l][(t * kv_heads + h / (q_heads / kv_heads)) * head_dim];
+        float* q = &s.q[l][(t * q_heads + h) * head_dim];
+        for (int d = 0; d < head_dim; ++d) q[d] = 0.5f * k[d] + nd(rng);
+      }
+    }
+  }
+  return s;
+}
+
+std::string FormatTable(const std::vector<EvalRow>& rows) {
+  std::string s =
+      "| codec | split | bits/elem all-in | bits/elem codes | K rel err | V rel err | K cos | attn-out err | "
+      "attn top-8 agree | ppl | ppl delta % | top-1 agree % | KL nats |\n"
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const auto& r : rows) {
+    auto num = [](double v, const char* fmt) {
+      if (std::isnan(v)) return std::string("n/a");
+      char buf[64];
+      std::snprintf(buf, sizeof buf, fmt, v);
+      return std::string(buf);
+    };
+    absl::StrAppend(&s, absl::StrFormat("| %s | %s | %.3f | %.3f | %.4f | %.4f | %.4f | %.4f | %.3f | ", r.codec,
+                                        r.split.empty() ? "-" : r.split, r.bits_all_in, r.bits_codes, r.k.rel_error,
+                                        r.v.rel_error, r.k.cosine, r.attention.output_rel_error,
+                                        r.attention.topk_agreement),
+                    num(r.ppl, "%.3f"), " | ", num(r.ppl_delta_pct, "%+.2f"), " | ", num(r.top1_pct, "%.1f"), " | ",
+                    num(r.kl, "%.5f"), " |\n");
+  }
+  return s;
+}
+
+}  // namespace vqkv::eval

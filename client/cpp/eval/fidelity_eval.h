@@ -1,0 +1,83 @@
+// End-to-end fidelity of a KV codec on a real model: K/V error, attention metrics and the
+// model's own predictions (teacher-forced perplexity, top-1 agreement, KL of next-token
+// distributions) when attention reads a compressed cache with exact sinks and an exact recent
+// window. Used by `vqkv fidelity`, the demo and the fidelity tests, so all report one set of
+// definitions (kernels/fidelity.h).
+// Thread-safety: functions are reentrant; they parallelise internally.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/codec.h"
+#include "kernels/fidelity.h"
+#include "kernels/kv.h"
+#include "model/llama.h"
+#include "model/tokenizer.h"
+
+namespace vqkv::eval {
+
+struct Corpus {
+  std::vector<std::vector<int>> seqs;  // token ids, each starting with BOS
+  int64_t tokens() const;
+};
+
+// Tokenizes stories (BOS + story, see Tokenizer::EncodeForScoring). With `pack`, consecutive
+// stories are concatenated into contexts of up to `max_tokens` (each story keeps its BOS; a story
+// that does not fit starts the next context), as a long-context request would look; otherwise
+// each story is one sequence truncated at `max_tokens`. Sequences shorter than `min_tokens` are
+// dropped; stops after `max_seqs` sequences (0 = all).
+Corpus BuildCorpus(const model::Tokenizer& tok, const std::vector<std::string>& stories, int max_tokens,
+                   int min_tokens, int max_seqs, bool pack = false);
+
+// Exact post-RoPE K, V and Q of every sequence, concatenated with seq_lens.
+absl::StatusOr<kernels::KvSamples> CaptureSamples(const model::LlamaModel& m, const Corpus& c);
+
+struct EvalOptions {
+  int sink_tokens = 4;
+  int recent_tokens = 32;
+  int block_tokens = 256;               // storage block size for the bit accounting
+  int64_t amortise_tokens = 1 << 20;    // codebooks are shared by this many stored tokens
+};
+
+struct EvalRow {
+  std::string codec;       // label
+  std::string split;       // rvq: stage split; others: ""
+  double bits_all_in = 0;  // stored bits per compressed element, fp16 basis, all overhead
+  double bits_codes = 0;   // codes only
+  kernels::VectorError k, v;
+  kernels::AttentionFidelity attention;
+  double ppl_ref = 0, ppl = 0, ppl_delta_pct = 0;
+  double top1_pct = 0;
+  double kl = 0;           // mean KL(p_exact || p_codec) of next-token distributions, nats
+  int64_t scored = 0;      // predictions scored
+  double seconds = 0;
+};
+
+// Precomputed exact logits of a corpus (shared by all codecs evaluated on it).
+struct Reference {
+  std::vector<std::vector<float>> logits;
+};
+absl::StatusOr<Reference> ComputeReference(const model::LlamaModel& m, const Corpus& c);
+
+// Runs the corpus with `codec` compressing each layer's cache. `codebook_bytes` is amortised
+// over opts.amortise_tokens.
+absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, const Reference& ref,
+                                 const kernels::Codec& codec, int64_t codebook_bytes,
+                                 const EvalOptions& opts);
+
+// K/V and attention metrics of `codec` on sample vectors (no model): each sequence of each
+// layer is stored as one block from position 0. Model columns (ppl, top-1, KL) are NaN.
+absl::StatusOr<EvalRow> EvaluateOnSamples(const kernels::KvSamples& s, const kernels::Codec& codec,
+                                          int64_t codebook_bytes, const EvalOptions& opts);
+
+// Synthetic K/V/Q with LLaMA-like structure (per-channel offsets, a few outlier channels, RoPE-like
+// rotation), for machines without a model. Always labelled SYNTHETIC by callers.
+kernels::KvSamples SyntheticSamples(int layers, int kv_heads, int q_heads, int head_dim, int seqs,
+                                    int seq_len, uint32_t seed);
+
+// Markdown table of rows.
+std::string FormatTable(const std::vector<EvalRow>& rows);
+
+}  // namespace vqkv::eval

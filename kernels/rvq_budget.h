@@ -1,0 +1,47 @@
+// Choosing how a bit budget is split between keys and values, and across layers, on the
+// calibration data itself (`vqkv fit --bits B`).
+//
+// Residual k-means fits stage by stage, so one codebook fitted with the most stages any split
+// could use contains every smaller codebook as a prefix. For each layer and each (K stages,
+// V stages) pair we measure the attention-output error on calibration queries (as a decoder
+// with a compressed cache sees it: sinks and the recent window exact), then a dynamic program
+// over layers picks the pairs with the least total error whose code bits fit the budget.
+// Thread-safety: pure functions.
+#pragma once
+
+#include <functional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kernels/codebook.h"
+#include "kernels/kv.h"
+
+namespace vqkv::kernels {
+
+struct BudgetOptions {
+  double bits_per_element = 2.75;  // code bits per K/V element, averaged over K, V and layers
+  int k_size = 1024, v_size = 512;
+  bool per_layer = true;           // false: the same split on every layer
+  double max_share = 1.5;          // a layer/kind may take up to this × the average budget
+  int sink_tokens = 4, recent_tokens = 32;
+  int64_t query_stride = 4;        // measure every n-th query position
+  std::function<void(int64_t, int64_t, const std::string&)> progress;
+};
+
+struct BudgetChoice {
+  RvqConfig config;            // chosen stages per layer
+  double calib_error = 0;      // sum over layers of the attention-output relative error
+  std::string table;           // per-layer error grid summary for logs
+};
+
+// Largest stage counts any split within `opts` may use (the codebook to fit first).
+RvqConfig MaxStagesConfig(int layers, int kv_heads, int head_dim, const BudgetOptions& opts,
+                          bool per_head);
+
+// Chooses stage counts from `full` (fitted with MaxStagesConfig) on `calib`, which must carry
+// queries (q, q_heads). InvalidArgument when samples lack queries or shapes disagree;
+// FailedPrecondition when no split fits the budget (every layer needs >= 1 stage for K and V).
+absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib,
+                                         const BudgetOptions& opts);
+
+}  // namespace vqkv::kernels
