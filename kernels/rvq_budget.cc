@@ -63,7 +63,8 @@ RvqConfig MaxStagesConfig(int layers, int kv_heads, int head_dim, const BudgetOp
   return RvqConfig::Uniform(layers, kv_heads, head_dim, {max_k, opts.k_size}, {max_v, opts.v_size}, per_head);
 }
 
-absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib, const BudgetOptions& opts) {
+absl::StatusOr<SplitErrors> MeasureSplitErrors(const Codebook& full, const KvSamples& calib,
+                                               const BudgetOptions& opts) {
   const RvqConfig& cfg = full.config();
   if (calib.layers != cfg.layers || calib.kv_heads != cfg.kv_heads || calib.head_dim != cfg.head_dim) {
     return absl::InvalidArgumentError("choose split: calibration samples do not match the codebook geometry");
@@ -72,7 +73,6 @@ absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& 
     return absl::InvalidArgumentError("choose split: calibration samples carry no queries (q, q_heads)");
   }
   const int L = cfg.layers, dim = cfg.head_dim;
-  const int kb = cfg.k[0].bits(), vb = cfg.v[0].bits();
   std::vector<int64_t> seq_lens = calib.seq_lens;
   if (seq_lens.empty()) seq_lens.push_back(calib.tokens(0));
   // err[l][nk-1][nv-1]
@@ -113,6 +113,20 @@ absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& 
       if (opts.progress) opts.progress(step, total, absl::StrCat("split: layer ", l, " K stages ", a + 1));
     }
   }
+  return SplitErrors{std::move(err)};
+}
+
+absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib, const BudgetOptions& opts) {
+  VQKV_ASSIGN_OR_RETURN(SplitErrors errors, MeasureSplitErrors(full, calib, opts));
+  return ChooseSplitFromErrors(full.config(), errors, opts);
+}
+
+absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& cfg, const SplitErrors& errors,
+                                                   const BudgetOptions& opts) {
+  const auto& err = errors.err;
+  const int L = cfg.layers, dim = cfg.head_dim;
+  const int kb = cfg.k[0].bits(), vb = cfg.v[0].bits();
+  if (int(err.size()) != L) return absl::InvalidArgumentError("choose split: error grid does not match the config");
   // Budget in code bits per token per head, summed over layers.
   const int64_t budget = static_cast<int64_t>(std::floor(opts.bits_per_element * 2 * dim * L + 1e-9));
   const double inf = std::numeric_limits<double>::infinity();

@@ -38,9 +38,23 @@ struct BudgetChoice {
 RvqConfig MaxStagesConfig(int layers, int kv_heads, int head_dim, const BudgetOptions& opts,
                           bool per_head);
 
-// Chooses stage counts from `full` (fitted with MaxStagesConfig) on `calib`, which must carry
-// queries (q, q_heads). InvalidArgument when samples lack queries or shapes disagree;
-// FailedPrecondition when no split fits the budget (every layer needs >= 1 stage for K and V).
+// Calibration error of every prefix pair: err[layer][k_stages - 1][v_stages - 1] is the
+// attention-output relative error of that layer with those stage counts.
+struct SplitErrors {
+  std::vector<std::vector<std::vector<double>>> err;
+};
+
+// Measures SplitErrors of `full` (fitted with MaxStagesConfig) on `calib`, which must carry
+// queries (q, q_heads). InvalidArgument when samples lack queries or shapes disagree.
+absl::StatusOr<SplitErrors> MeasureSplitErrors(const Codebook& full, const KvSamples& calib,
+                                               const BudgetOptions& opts);
+
+// Picks stage counts within opts.bits_per_element from measured errors. FailedPrecondition when
+// no split fits the budget (every layer needs >= 1 stage for K and V).
+absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& full, const SplitErrors& errors,
+                                                   const BudgetOptions& opts);
+
+// MeasureSplitErrors followed by ChooseSplitFromErrors.
 absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib,
                                          const BudgetOptions& opts);
 

@@ -105,13 +105,16 @@ absl::Status Fidelity(const Flags& f) {
   bo.bits_per_element = max_budget > 0 ? max_budget : 1;
   bo.sink_tokens = int(sinks);
   bo.recent_tokens = int(recent);
-  kernels::RvqConfig full_cfg = kernels::MaxStagesConfig(calib.layers, calib.kv_heads, calib.head_dim, bo, false);
+  kernels::RvqConfig full_cfg =
+      kernels::MaxStagesConfig(calib.layers, calib.kv_heads, calib.head_dim, bo, f.Bool("per-head"));
   for (int l = 0; l < full_cfg.layers; ++l) {
     full_cfg.k[l].stages = std::max(full_cfg.k[l].stages, pk.stages);
     full_cfg.v[l].stages = std::max(full_cfg.v[l].stages, pv.stages);
   }
   int64_t steps = 0;
-  for (int l = 0; l < full_cfg.layers; ++l) steps += full_cfg.k[l].stages + full_cfg.v[l].stages;
+  for (int l = 0; l < full_cfg.layers; ++l) {
+    steps += (full_cfg.k[l].stages + full_cfg.v[l].stages) * (full_cfg.per_head ? full_cfg.kv_heads : 1);
+  }
   ProgressBar bar("fit", steps);
   fo.progress = [&](int64_t d, int64_t, const std::string& w) { bar.Update(d, w); };
   VQKV_ASSIGN_OR_RETURN(kernels::Codebook full, kernels::FitCodebook(full_cfg, calib, fo));
@@ -120,17 +123,22 @@ absl::Status Fidelity(const Flags& f) {
   std::vector<Candidate> cands = {{"raw", "", nullptr, "raw"},
                                   {"scalar-2", "", nullptr, "scalar-2"},
                                   {"scalar-4", "", nullptr, "scalar-4"}};
-  const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads, calib.head_dim, pk, pv);
+  const auto paper_cfg =
+      kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads, calib.head_dim, pk, pv, f.Bool("per-head"));
   VQKV_ASSIGN_OR_RETURN(kernels::Codebook paper_cb, kernels::TruncateCodebook(full, paper_cfg));
   cands.push_back({"rvq paper split", absl::StrCat("paper: ", SplitText(paper_cfg)),
                    std::make_shared<const kernels::Codebook>(std::move(paper_cb)), "rvq"});
+  kernels::SplitErrors split_errors;
+  if (!budgets.empty()) {
+    ProgressBar sbar("split errors", int64_t{full_cfg.layers} * full_cfg.k[0].stages);
+    bo.progress = [&](int64_t d, int64_t, const std::string& w) { sbar.Update(d, w); };
+    VQKV_ASSIGN_OR_RETURN(split_errors, kernels::MeasureSplitErrors(full, calib, bo));
+    sbar.Finish();
+  }
   for (double b : budgets) {
     kernels::BudgetOptions ob = bo;
     ob.bits_per_element = b;
-    ProgressBar sbar(absl::StrCat("split@", b), int64_t{full_cfg.layers} * full_cfg.k[0].stages);
-    ob.progress = [&](int64_t d, int64_t, const std::string& w) { sbar.Update(d, w); };
-    VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice, kernels::ChooseSplit(full, calib, ob));
-    sbar.Finish();
+    VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice, kernels::ChooseSplitFromErrors(full_cfg, split_errors, ob));
     VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, choice.config));
     cands.push_back({absl::StrCat("rvq fit --bits ", b), absl::StrCat("chosen: ", SplitText(choice.config)),
                      std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq"});
@@ -191,6 +199,7 @@ int RunFidelity(int argc, char** argv) {
            {"max-vectors", "65536", "training vectors per table (subsampled)"},
            {"sinks", "4", "leading tokens kept exact"},
            {"recent", "32", "most recent tokens kept exact"},
+           {"per-head", "", "one codebook per KV head (default: shared by a layer's heads)", true},
            {"beam", "1", "> 1 adds the last rvq row again with beam search of this width"},
            {"markdown", "", "also write the table to this file"}});
   int rc = -1;
