@@ -10,5 +10,6 @@ int RunCapture(int argc, char** argv);
 int RunFit(int argc, char** argv);
 int RunEval(int argc, char** argv);
 int RunFidelity(int argc, char** argv);
+int RunDemo(int argc, char** argv);
 
 }  // namespace vqkv::cli

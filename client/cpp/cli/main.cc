@@ -20,6 +20,7 @@ const Command kCommands[] = {
     {"fit", vqkv::cli::RunFit, "fit rvq codebooks from K/V samples (or choose a split for --bits)"},
     {"eval", vqkv::cli::RunEval, "fidelity of a codec on K/V samples"},
     {"fidelity", vqkv::cli::RunFidelity, "fit on one half of a text, evaluate codecs on the other half"},
+    {"demo", vqkv::cli::RunDemo, "service demo against a running vqkvd (real model KV round trip)"},
 };
 
 void PrintUsage() {
