@@ -17,7 +17,7 @@ VQKV="$BUILD/client/cpp/cli/vqkv"
 
 echo
 echo "== 1/2 codec fidelity on the real model =="
-"$VQKV" fidelity --per-story --budgets 2.25 --iters 6 --max-vectors 16384 "$@"
+"$VQKV" fidelity --per-story --per-head --budgets 2.25 --iters 6 --max-vectors 16384 "$@"
 
 echo
 echo "== 2/2 service demo: vqkvd + client round trip =="

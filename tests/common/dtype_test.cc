@@ -25,6 +25,23 @@ TEST(DTypeTest, HalfRoundsToNearestEven) {
   EXPECT_EQ(HalfToFloat(FloatToHalf(6e-8f)), HalfToFloat(1));  // smallest subnormal
 }
 
+TEST(DTypeTest, BulkConversionMatchesScalar) {
+  // ToFloat/FromFloat may use hardware conversion; they must agree with the scalar functions.
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0, 300);
+  std::vector<float> x(1003);
+  for (auto& v : x) v = nd(rng);
+  x[3] = 1e-7f;    // subnormal half
+  x[4] = 70000.f;  // overflows to Inf
+  x[5] = -0.0f;
+  std::vector<uint16_t> h(x.size());
+  FromFloat(x.data(), x.size(), DType::kF16, h.data());
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(h[i], FloatToHalf(x[i])) << i;
+  std::vector<float> back(x.size());
+  ToFloat(DType::kF16, h.data(), h.size(), back.data());
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(back[i], HalfToFloat(h[i])) << i;
+}
+
 TEST(DTypeTest, BF16RoundTrip) {
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0, 10);

@@ -27,7 +27,7 @@ TEST(FidelityTest, AttentionIdenticalIsPerfectAndNoiseIsNot) {
   for (auto* a : {&q, &k, &v}) {
     for (auto& x : *a) x = nd(rng);
   }
-  AttentionInputs in{q.data(), k.data(), v.data(), k.data(), v.data(), T, H, KVH, D, 4, 1, 0};
+  AttentionInputs in{q.data(), k.data(), v.data(), k.data(), v.data(), T, H, KVH, D, 4, 1, 0, 0, 0};
   AttentionAccumulator acc;
   acc.Add(in);
   auto f = acc.Finish();
@@ -55,6 +55,15 @@ TEST(FidelityTest, AttentionIdenticalIsPerfectAndNoiseIsNot) {
   EXPECT_EQ(f.logit_rel_error, 0);
   EXPECT_NEAR(f.kl, 0, 1e-12);
   EXPECT_GT(f.output_rel_error, 0.01);
+  // With every key inside the exact window nothing changes.
+  in.k_hat = kn.data();
+  in.sink_tokens = 4;
+  in.recent_tokens = T;
+  AttentionAccumulator window;
+  window.Add(in);
+  f = window.Finish();
+  EXPECT_EQ(f.output_rel_error, 0);
+  EXPECT_EQ(f.logit_rel_error, 0);
 }
 
 }  // namespace

@@ -129,7 +129,7 @@ TEST(RvqCodecTest, CodesArePackedAtLog2Size) {
   std::string payload;
   RoundTrip(cb, s, x, 1, &payload);
   const int64_t bits = 64 * 2 * (3 * 10 + 2 * 9);
-  EXPECT_EQ(int64_t(payload.size()), 40 + (bits + 7) / 8);
+  EXPECT_EQ(int64_t(payload.size()), int64_t(sizeof(PayloadHeader)) + (bits + 7) / 8);
 }
 
 TEST(RvqCodecTest, RejectsShapeMismatchAndForeignCodebook) {
