@@ -76,7 +76,8 @@ void Run(benchmark::State& state, const Geometry& g, const std::string& codec_na
       benchmark::DoNotOptimize(codec->Decode({&p, 1}, DType::kF16, {&ptr, 1}, {&bytes, 1}));
     }
   }
-  state.counters["tokens/s"] = benchmark::Counter(double(tokens) * state.iterations(), benchmark::Counter::kIsRate);
+  state.counters["tokens/s"] =
+      benchmark::Counter(double(tokens) * state.iterations(), benchmark::Counter::kIsRate);
   state.counters["fp16_KV_B/s"] =
       benchmark::Counter(double(block.size()) * state.iterations(), benchmark::Counter::kIsRate);
   state.counters["payload_bits/elem"] = double(payload[0].size()) * 8 / double(shape.elements());

@@ -93,7 +93,8 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Parse(std::string bytes, const 
         return bad(absl::StrCat(field, ": shape entries must be non-negative integers"));
       }
       const uint64_t v = d.get<uint64_t>();
-      if (v != 0 && count > (uint64_t{1} << 50) / v) return bad(absl::StrCat(field, ": shape too large"));
+      if (v != 0 && count > (uint64_t{1} << 50) / v)
+        return bad(absl::StrCat(field, ": shape too large"));
       count *= v;
       info.shape.push_back(static_cast<int64_t>(v));
     }
@@ -179,7 +180,8 @@ std::string SafetensorsWriter::Serialize() const {
   }
   uint64_t off = 0;
   for (const auto& e : entries_) {
-    header[e.name] = {{"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {off, off + e.bytes.size()}}};
+    header[e.name] = {
+        {"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {off, off + e.bytes.size()}}};
     off += e.bytes.size();
   }
   std::string h = header.dump();

@@ -14,9 +14,9 @@
 namespace vqkv {
 
 struct TensorInfo {
-  std::string dtype;             // "F32", "F16", "BF16", "I32", "U8", ...
+  std::string dtype;  // "F32", "F16", "BF16", "I32", "U8", ...
   std::vector<int64_t> shape;
-  uint64_t begin = 0;            // byte offset inside the data section
+  uint64_t begin = 0;  // byte offset inside the data section
   uint64_t end = 0;
 };
 

@@ -25,7 +25,8 @@ absl::StatusOr<std::vector<int>> ParseIntList(const std::string& s, const char* 
   for (absl::string_view p : absl::StrSplit(s, ',')) {
     int v;
     if (!absl::SimpleAtoi(p, &v)) {
-      return absl::InvalidArgumentError(absl::StrCat("codebook metadata '", field, "': '", p, "' is not an integer"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("codebook metadata '", field, "': '", p, "' is not an integer"));
     }
     out.push_back(v);
   }
@@ -45,7 +46,8 @@ absl::StatusOr<StageConfig> ParseStageConfig(std::string_view text_in) {
   std::vector<std::string> p = absl::StrSplit(text, 'x');
   StageConfig c;
   if (p.size() != 2 || !absl::SimpleAtoi(p[0], &c.stages) || !absl::SimpleAtoi(p[1], &c.size)) {
-    return absl::InvalidArgumentError(absl::StrCat("stage config '", text, "': expected STAGESxSIZE, e.g. 7x1024"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("stage config '", text, "': expected STAGESxSIZE, e.g. 7x1024"));
   }
   RvqConfig probe = RvqConfig::Uniform(1, 1, 1, c, c);
   VQKV_RETURN_IF_ERROR(probe.Validate());
@@ -90,14 +92,16 @@ std::string RvqConfig::ToString() const {
   auto one = [](const StageConfig& s) { return absl::StrCat(s.stages, "x", s.size); };
   if (uniform && layers > 0) return absl::StrCat("k=", one(k[0]), ",v=", one(v[0]));
   std::vector<std::string> parts;
-  for (int l = 0; l < layers; ++l) parts.push_back(absl::StrCat("L", l, ":k=", one(k[l]), ",v=", one(v[l])));
+  for (int l = 0; l < layers; ++l)
+    parts.push_back(absl::StrCat("L", l, ":k=", one(k[l]), ",v=", one(v[l])));
   return absl::StrJoin(parts, " ");
 }
 
 absl::Status RvqConfig::Validate() const {
   if (layers <= 0 || kv_heads <= 0 || head_dim <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("rvq config: layers/kv_heads/head_dim must be positive (got ",
-                                                   layers, "/", kv_heads, "/", head_dim, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("rvq config: layers/kv_heads/head_dim must be positive (got ", layers, "/",
+                     kv_heads, "/", head_dim, ")"));
   }
   if (head_dim > 4096) return absl::InvalidArgumentError("rvq config: head_dim above 4096");
   if (int(k.size()) != layers || int(v.size()) != layers) {
@@ -108,12 +112,13 @@ absl::Status RvqConfig::Validate() const {
       const StageConfig& s = at(l, c);
       const char* kind = c == 0 ? "k" : "v";
       if (s.stages < 1 || s.stages > 1024) {
-        return absl::InvalidArgumentError(absl::StrCat("rvq config: layer ", l, " ", kind, " stages ", s.stages,
-                                                       " outside [1, 1024]"));
+        return absl::InvalidArgumentError(absl::StrCat("rvq config: layer ", l, " ", kind,
+                                                       " stages ", s.stages, " outside [1, 1024]"));
       }
       if (s.size < 2 || s.size > 65536 || (s.size & (s.size - 1)) != 0) {
-        return absl::InvalidArgumentError(absl::StrCat("rvq config: layer ", l, " ", kind, " codebook size ",
-                                                       s.size, " is not a power of two in [2, 65536]"));
+        return absl::InvalidArgumentError(absl::StrCat("rvq config: layer ", l, " ", kind,
+                                                       " codebook size ", s.size,
+                                                       " is not a power of two in [2, 65536]"));
       }
     }
   }
@@ -135,7 +140,8 @@ const float* Codebook::Norms(int layer, int kind, int head, int stage) const {
   return norms_[TableIndex(layer, kind, head)].data() + size_t(stage) * s.size;
 }
 
-absl::StatusOr<Codebook> Codebook::Create(RvqConfig config, std::vector<std::vector<float>> tables) {
+absl::StatusOr<Codebook> Codebook::Create(RvqConfig config,
+                                          std::vector<std::vector<float>> tables) {
   VQKV_RETURN_IF_ERROR(config.Validate());
   const int heads = config.per_head ? config.kv_heads : 1;
   if (int(tables.size()) != config.layers * 2 * heads) {
@@ -145,8 +151,8 @@ absl::StatusOr<Codebook> Codebook::Create(RvqConfig config, std::vector<std::vec
   Codebook cb;
   cb.config_ = std::move(config);
   const int dim = cb.config_.head_dim;
-  std::string hash_input = absl::StrCat(cb.config_.ToString(), "|", cb.config_.layers, "|", cb.config_.kv_heads,
-                                        "|", dim, "|", cb.config_.per_head);
+  std::string hash_input = absl::StrCat(cb.config_.ToString(), "|", cb.config_.layers, "|",
+                                        cb.config_.kv_heads, "|", dim, "|", cb.config_.per_head);
   for (int l = 0; l < cb.config_.layers; ++l) {
     for (int c = 0; c < 2; ++c) {
       for (int h = 0; h < heads; ++h) {
@@ -155,8 +161,8 @@ absl::StatusOr<Codebook> Codebook::Create(RvqConfig config, std::vector<std::vec
         const size_t want = size_t(s.stages) * s.size * dim;
         const std::string name = TensorName(l, c, h, cb.config_.per_head);
         if (t.size() != want) {
-          return absl::InvalidArgumentError(absl::StrCat("codebook table '", name, "': ", t.size(),
-                                                         " values, expected ", want));
+          return absl::InvalidArgumentError(
+              absl::StrCat("codebook table '", name, "': ", t.size(), " values, expected ", want));
         }
         std::vector<float> norms(size_t(s.stages) * s.size);
         for (size_t j = 0; j < norms.size(); ++j) {
@@ -164,7 +170,8 @@ absl::StatusOr<Codebook> Codebook::Create(RvqConfig config, std::vector<std::vec
           for (int d = 0; d < dim; ++d) {
             const float v = t[j * dim + d];
             if (!std::isfinite(v)) {
-              return absl::InvalidArgumentError(absl::StrCat("codebook table '", name, "': NaN or Inf value"));
+              return absl::InvalidArgumentError(
+                  absl::StrCat("codebook table '", name, "': NaN or Inf value"));
             }
             acc += double(v) * v;
           }
@@ -207,7 +214,9 @@ std::string Codebook::Serialize() const {
   return w.Serialize();
 }
 
-absl::Status Codebook::Save(const std::string& path) const { return WriteStringToFile(path, Serialize()); }
+absl::Status Codebook::Save(const std::string& path) const {
+  return WriteStringToFile(path, Serialize());
+}
 
 absl::StatusOr<Codebook> Codebook::Load(const std::string& path) {
   VQKV_ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(path));
@@ -220,13 +229,16 @@ absl::StatusOr<Codebook> Codebook::FromBytes(std::string bytes, const std::strin
     return absl::InvalidArgumentError(absl::StrCat("codebook '", what, "': ", msg));
   };
   const auto& md = f.metadata();
-  for (const char* key : {"format", "version", "layers", "kv_heads", "head_dim", "per_head", "stages", "sizes", "id"}) {
+  for (const char* key : {"format", "version", "layers", "kv_heads", "head_dim", "per_head",
+                          "stages", "sizes", "id"}) {
     if (!md.count(key)) return bad(absl::StrCat("metadata field '", key, "' is missing"));
   }
   if (md.at("format") != "vqkv-codebook") return bad("metadata 'format' is not vqkv-codebook");
-  if (md.at("version") != "1") return bad(absl::StrCat("unsupported version '", md.at("version"), "'"));
+  if (md.at("version") != "1")
+    return bad(absl::StrCat("unsupported version '", md.at("version"), "'"));
   RvqConfig config;
-  if (!absl::SimpleAtoi(md.at("layers"), &config.layers) || !absl::SimpleAtoi(md.at("kv_heads"), &config.kv_heads) ||
+  if (!absl::SimpleAtoi(md.at("layers"), &config.layers) ||
+      !absl::SimpleAtoi(md.at("kv_heads"), &config.kv_heads) ||
       !absl::SimpleAtoi(md.at("head_dim"), &config.head_dim)) {
     return bad("metadata layers/kv_heads/head_dim are not integers");
   }
@@ -265,8 +277,8 @@ absl::StatusOr<Codebook> Codebook::FromBytes(std::string bytes, const std::strin
   auto cb = Create(std::move(config), std::move(tables));
   if (!cb.ok()) return bad(cb.status().message());
   if (cb->id() != md.at("id")) {
-    return bad(absl::StrCat("content hash ", cb->id(), " does not match the recorded id ", md.at("id"),
-                            " (file damaged or edited)"));
+    return bad(absl::StrCat("content hash ", cb->id(), " does not match the recorded id ",
+                            md.at("id"), " (file damaged or edited)"));
   }
   return cb;
 }

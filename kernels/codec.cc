@@ -42,8 +42,8 @@ void CopySinks(const KvShape& s, int sinks, size_t esize, const char* block, cha
   const size_t row = size_t(s.kv_heads) * s.head_dim * esize;
   for (int l = 0; l < s.layers; ++l) {
     for (int c = 0; c < 2; ++c) {
-      std::memcpy(sink_buf + (size_t(l) * 2 + c) * sinks * row, block + s.Offset(l, c, 0, 0) * esize,
-                  sinks * row);
+      std::memcpy(sink_buf + (size_t(l) * 2 + c) * sinks * row,
+                  block + s.Offset(l, c, 0, 0) * esize, sinks * row);
     }
   }
 }
@@ -56,8 +56,10 @@ std::string KvShape::DebugString() const {
 }
 
 absl::Status ValidateShape(const KvShape& s) {
-  const std::pair<const char*, int32_t> dims[] = {
-      {"layers", s.layers}, {"tokens", s.tokens}, {"kv_heads", s.kv_heads}, {"head_dim", s.head_dim}};
+  const std::pair<const char*, int32_t> dims[] = {{"layers", s.layers},
+                                                  {"tokens", s.tokens},
+                                                  {"kv_heads", s.kv_heads},
+                                                  {"head_dim", s.head_dim}};
   for (const auto& [name, v] : dims) {
     if (v <= 0) {
       return absl::InvalidArgumentError(absl::StrCat("shape.", name, " must be positive, got ", v));
@@ -71,8 +73,8 @@ absl::Status ValidateShape(const KvShape& s) {
 
 absl::StatusOr<PayloadHeader> ReadPayloadHeader(std::string_view payload) {
   if (payload.size() < sizeof(PayloadHeader)) {
-    return absl::InvalidArgumentError(absl::StrCat("payload: ", payload.size(),
-                                                   " bytes is shorter than its header"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("payload: ", payload.size(), " bytes is shorter than its header"));
   }
   PayloadHeader h;
   std::memcpy(&h, payload.data(), sizeof h);
@@ -80,10 +82,13 @@ absl::StatusOr<PayloadHeader> ReadPayloadHeader(std::string_view payload) {
     return absl::InvalidArgumentError("payload: bad magic (not a vqkv encoded block)");
   }
   if (h.version != 1) {
-    return absl::InvalidArgumentError(absl::StrCat("payload: unsupported version ", int{h.version}));
+    return absl::InvalidArgumentError(
+        absl::StrCat("payload: unsupported version ", int{h.version}));
   }
-  if (h.kind > 2) return absl::InvalidArgumentError(absl::StrCat("payload: unknown codec kind ", int{h.kind}));
-  if (h.dtype > 2) return absl::InvalidArgumentError(absl::StrCat("payload: unknown dtype ", int{h.dtype}));
+  if (h.kind > 2)
+    return absl::InvalidArgumentError(absl::StrCat("payload: unknown codec kind ", int{h.kind}));
+  if (h.dtype > 2)
+    return absl::InvalidArgumentError(absl::StrCat("payload: unknown dtype ", int{h.dtype}));
   VQKV_RETURN_IF_ERROR(ValidateShape(HeaderShape(h)));
   if (h.sink_tokens < 0 || h.sink_tokens > h.tokens) {
     return absl::InvalidArgumentError(absl::StrCat("payload: sink_tokens ", h.sink_tokens,
@@ -110,7 +115,8 @@ absl::StatusOr<CodecSpec> ParseCodecSpec(std::string_view text_in) {
       std::pair<std::string, std::string> p = absl::StrSplit(kv, absl::MaxSplits('=', 1));
       int v = 0;
       if (!absl::SimpleAtoi(p.second, &v)) {
-        return absl::InvalidArgumentError(absl::StrCat("codec '", text, "': '", kv, "' is not key=integer"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("codec '", text, "': '", kv, "' is not key=integer"));
       }
       if (p.first == "sinks") {
         spec.sink_tokens = v;
@@ -121,7 +127,8 @@ absl::StatusOr<CodecSpec> ParseCodecSpec(std::string_view text_in) {
       } else if (p.first == "beam") {
         spec.beam = v;
       } else {
-        return absl::InvalidArgumentError(absl::StrCat("codec '", text, "': unknown parameter '", p.first, "'"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("codec '", text, "': unknown parameter '", p.first, "'"));
       }
     }
   }
@@ -131,7 +138,8 @@ absl::StatusOr<CodecSpec> ParseCodecSpec(std::string_view text_in) {
 
 std::string CodecSpecString(const CodecSpec& spec) {
   if (spec.name == "scalar") {
-    return absl::StrCat("scalar-", spec.scalar_bits, ":group=", spec.scalar_group, ",sinks=", spec.sink_tokens);
+    return absl::StrCat("scalar-", spec.scalar_bits, ":group=", spec.scalar_group,
+                        ",sinks=", spec.sink_tokens);
   }
   if (spec.name == "rvq") return absl::StrCat("rvq:beam=", spec.beam, ",sinks=", spec.sink_tokens);
   return absl::StrCat(spec.name, ":sinks=", spec.sink_tokens);
@@ -183,7 +191,8 @@ int64_t Codec::PayloadBytes(const KvShape& shape, DType dtype, int64_t first_tok
          BodyBytes(shape, sinks, dtype, first_layer);
 }
 
-absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks, std::vector<std::string>* out) const {
+absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks,
+                           std::vector<std::string>* out) const {
   std::vector<std::string> encoded;
   encoded.reserve(blocks.size());
   std::vector<float> x;
@@ -193,7 +202,8 @@ absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks, std::vector<std
     if (static_cast<uint8_t>(blk.dtype) > 2) {
       return absl::InvalidArgumentError(absl::StrCat("block ", b, ": unsupported dtype"));
     }
-    if (blk.data == nullptr) return absl::InvalidArgumentError(absl::StrCat("block ", b, ": null data"));
+    if (blk.data == nullptr)
+      return absl::InvalidArgumentError(absl::StrCat("block ", b, ": null data"));
     if (blk.first_token < 0) {
       return absl::InvalidArgumentError(absl::StrCat("block ", b, ": first_token must be >= 0"));
     }
@@ -221,10 +231,12 @@ absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks, std::vector<std
     FillHeader(&h);
     std::string payload(reinterpret_cast<const char*>(&h), sizeof h);
     const size_t esize = DTypeSize(blk.dtype);
-    const size_t sink_bytes = size_t(blk.shape.layers) * 2 * sinks * blk.shape.kv_heads * blk.shape.head_dim * esize;
+    const size_t sink_bytes =
+        size_t(blk.shape.layers) * 2 * sinks * blk.shape.kv_heads * blk.shape.head_dim * esize;
     payload.resize(sizeof h + sink_bytes);
     if (sinks > 0) {
-      CopySinks(blk.shape, sinks, esize, static_cast<const char*>(blk.data), payload.data() + sizeof h);
+      CopySinks(blk.shape, sinks, esize, static_cast<const char*>(blk.data),
+                payload.data() + sizeof h);
     }
     VQKV_RETURN_IF_ERROR(EncodeBody(h, x.data(), &payload));
     encoded.push_back(std::move(payload));
@@ -243,25 +255,28 @@ absl::Status Codec::Decode(absl::Span<const std::string_view> payloads, DType ou
   for (size_t b = 0; b < payloads.size(); ++b) {
     VQKV_ASSIGN_OR_RETURN(PayloadHeader h, ReadPayloadHeader(payloads[b]));
     if (h.kind != static_cast<uint8_t>(kind())) {
-      return absl::InvalidArgumentError(absl::StrCat("payload ", b, ": encoded by codec kind ", int{h.kind},
-                                                     ", not by ", Label()));
+      return absl::InvalidArgumentError(absl::StrCat("payload ", b, ": encoded by codec kind ",
+                                                     int{h.kind}, ", not by ", Label()));
     }
     const KvShape shape = HeaderShape(h);
     VQKV_RETURN_IF_ERROR(CheckShape(shape, h.first_layer));
     const int64_t n = shape.elements();
     if (out[b] == nullptr || out_bytes[b] < size_t(n) * DTypeSize(out_dtype)) {
-      return absl::InvalidArgumentError(absl::StrCat("payload ", b, ": output buffer holds ", out_bytes[b],
-                                                     " bytes, needs ", n * DTypeSize(out_dtype)));
+      return absl::InvalidArgumentError(absl::StrCat("payload ", b, ": output buffer holds ",
+                                                     out_bytes[b], " bytes, needs ",
+                                                     n * DTypeSize(out_dtype)));
     }
     const DType in_dtype = static_cast<DType>(h.dtype);
     const int sinks = h.sink_tokens;
     const size_t esize = DTypeSize(in_dtype);
     const size_t row = size_t(shape.kv_heads) * shape.head_dim;
     const size_t sink_bytes = size_t(shape.layers) * 2 * sinks * row * esize;
-    const int64_t want = int64_t{sizeof(PayloadHeader)} + sink_bytes + BodyBytes(shape, sinks, in_dtype, h.first_layer);
+    const int64_t want = int64_t{sizeof(PayloadHeader)} + sink_bytes +
+                         BodyBytes(shape, sinks, in_dtype, h.first_layer);
     if (int64_t(payloads[b].size()) != want) {
       return absl::InvalidArgumentError(absl::StrCat("payload ", b, ": ", payloads[b].size(),
-                                                     " bytes, expected ", want, " for shape ", shape.DebugString()));
+                                                     " bytes, expected ", want, " for shape ",
+                                                     shape.DebugString()));
     }
     x.assign(n, 0.f);
     const std::string_view body = payloads[b].substr(sizeof(PayloadHeader) + sink_bytes);
@@ -271,7 +286,8 @@ absl::Status Codec::Decode(absl::Span<const std::string_view> payloads, DType ou
       ToFloat(in_dtype, payloads[b].data() + sizeof(PayloadHeader), sink_f.size(), sink_f.data());
       for (int l = 0; l < shape.layers; ++l) {
         for (int c = 0; c < 2; ++c) {
-          std::memcpy(x.data() + shape.Offset(l, c, 0, 0), sink_f.data() + (size_t(l) * 2 + c) * sinks * row,
+          std::memcpy(x.data() + shape.Offset(l, c, 0, 0),
+                      sink_f.data() + (size_t(l) * 2 + c) * sinks * row,
                       sinks * row * sizeof(float));
         }
       }

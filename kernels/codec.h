@@ -29,17 +29,17 @@ enum class CodecKind : uint8_t { kRaw = 0, kScalar = 1, kRvq = 2 };
 
 #pragma pack(push, 1)
 struct PayloadHeader {
-  char magic[4];          // "VQKB"
-  uint8_t version;        // 1
-  uint8_t kind;           // CodecKind
-  uint8_t dtype;          // DType of the encoded input (and of the sink tokens)
-  uint8_t param;          // scalar: bits; rvq: beam width used; raw: 0
+  char magic[4];    // "VQKB"
+  uint8_t version;  // 1
+  uint8_t kind;     // CodecKind
+  uint8_t dtype;    // DType of the encoded input (and of the sink tokens)
+  uint8_t param;    // scalar: bits; rvq: beam width used; raw: 0
   int32_t layers, tokens, kv_heads, head_dim;
-  int32_t sink_tokens;    // leading tokens of this block stored losslessly
-  int32_t group;          // scalar: group size; others 0
+  int32_t sink_tokens;      // leading tokens of this block stored losslessly
+  int32_t group;            // scalar: group size; others 0
   uint8_t codebook_tag[8];  // rvq: first 8 bytes of the codebook id; zero otherwise
-  int32_t first_layer;    // model layer of the block's layer 0 (layer-range blocks)
-  int32_t reserved;       // zero
+  int32_t first_layer;      // model layer of the block's layer 0 (layer-range blocks)
+  int32_t reserved;         // zero
 };
 #pragma pack(pop)
 static_assert(sizeof(PayloadHeader) == 48);
@@ -52,10 +52,10 @@ KvShape HeaderShape(const PayloadHeader& h);
 // How a codec is chosen. `name` is "raw", "scalar" or "rvq".
 struct CodecSpec {
   std::string name = "raw";
-  int sink_tokens = 4;     // positions [0, sink_tokens) of a sequence stay lossless
-  int scalar_bits = 2;     // scalar: 2 or 4
-  int scalar_group = 32;   // scalar: group size (tokens for K, channels for V)
-  int beam = 1;            // rvq: 1 = greedy; >1 = beam search of that width
+  int sink_tokens = 4;    // positions [0, sink_tokens) of a sequence stay lossless
+  int scalar_bits = 2;    // scalar: 2 or 4
+  int scalar_group = 32;  // scalar: group size (tokens for K, channels for V)
+  int beam = 1;           // rvq: 1 = greedy; >1 = beam search of that width
   std::shared_ptr<const Codebook> codebook;  // rvq: required
 };
 
@@ -97,10 +97,13 @@ class Codec {
 
   // Body of one block. `x` holds shape.elements() fp32 values (the whole block, sinks included;
   // sink tokens are written separately by the caller and may be ignored here). Appends to body.
-  virtual absl::Status EncodeBody(const PayloadHeader& h, const float* x, std::string* body) const = 0;
+  virtual absl::Status EncodeBody(const PayloadHeader& h, const float* x,
+                                  std::string* body) const = 0;
   // Reconstructs all non-sink tokens into `x` (fp32, shape.elements()).
-  virtual absl::Status DecodeBody(const PayloadHeader& h, std::string_view body, float* x) const = 0;
-  virtual int64_t BodyBytes(const KvShape& shape, int sinks, DType dtype, int first_layer) const = 0;
+  virtual absl::Status DecodeBody(const PayloadHeader& h, std::string_view body,
+                                  float* x) const = 0;
+  virtual int64_t BodyBytes(const KvShape& shape, int sinks, DType dtype,
+                            int first_layer) const = 0;
   virtual absl::Status CheckShape(const KvShape& shape, int first_layer) const;
   virtual void FillHeader(PayloadHeader* h) const;
 

@@ -35,7 +35,8 @@ void AttentionAccumulator::Add(const AttentionInputs& in) {
   const int group = in.q_heads / in.kv_heads;
   const double scale = 1.0 / std::sqrt(double(in.dim));
   std::vector<int64_t> positions;
-  for (int64_t t = in.tokens - 1; t >= in.min_position; t -= std::max<int64_t>(1, in.query_stride)) {
+  for (int64_t t = in.tokens - 1; t >= in.min_position;
+       t -= std::max<int64_t>(1, in.query_stride)) {
     positions.push_back(t);
   }
   std::mutex mu;
@@ -77,7 +78,8 @@ void AttentionAccumulator::Add(const AttentionInputs& in) {
       for (int64_t s = 0; s < n; ++s) {
         p[s] /= z;
         ph[s] /= zh;
-        if (!in.output_only && p[s] > 0) kl += p[s] * (std::log(p[s]) - std::log(std::max(ph[s], 1e-300)));
+        if (!in.output_only && p[s] > 0)
+          kl += p[s] * (std::log(p[s]) - std::log(std::max(ph[s], 1e-300)));
       }
       local.kl += std::max(0.0, kl);
       for (int d = 0; d < in.dim; ++d) {

@@ -33,7 +33,7 @@ struct AttentionFidelity {
 };
 
 struct AttentionInputs {
-  const float* q = nullptr;  // [tokens, q_heads, dim], post-RoPE
+  const float* q = nullptr;                        // [tokens, q_heads, dim], post-RoPE
   const float *k = nullptr, *v = nullptr;          // [tokens, kv_heads, dim] exact
   const float *k_hat = nullptr, *v_hat = nullptr;  // reconstructed, same layout
   int64_t tokens = 0;

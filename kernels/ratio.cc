@@ -10,7 +10,8 @@ RatioReport ComputeRatio(const Codec& codec, const RatioInputs& in, int64_t code
   const double base_bits = in.baseline_bits;
   // Codes only: a block with no sinks and no header, per element.
   const KvShape big{in.layers, 4096, in.kv_heads, in.head_dim};
-  const int64_t body = codec.PayloadBytes(big, DType::kF16, in.sink_tokens) - int64_t{sizeof(PayloadHeader)};
+  const int64_t body =
+      codec.PayloadBytes(big, DType::kF16, in.sink_tokens) - int64_t{sizeof(PayloadHeader)};
   r.codes_bits_per_element = double(body) * 8 / double(big.elements());
   r.codes_only_ratio = 1 - r.codes_bits_per_element / base_bits;
 
@@ -20,7 +21,8 @@ RatioReport ComputeRatio(const Codec& codec, const RatioInputs& in, int64_t code
     stored += codec.PayloadBytes({in.layers, tokens, in.kv_heads, in.head_dim}, DType::kF16, t0);
   }
   const int64_t amortise = in.amortise_tokens > 0 ? in.amortise_tokens : in.context_tokens;
-  const double cb_share = amortise > 0 ? double(codebook_bytes) * double(in.context_tokens) / double(amortise) : 0;
+  const double cb_share =
+      amortise > 0 ? double(codebook_bytes) * double(in.context_tokens) / double(amortise) : 0;
   r.codebook_bytes = codebook_bytes;
   r.baseline_bytes = in.context_tokens * per_token_elems * in.baseline_bits / 8;
   r.stored_bytes = stored + static_cast<int64_t>(cb_share);

@@ -12,11 +12,11 @@ namespace vqkv::kernels {
 
 struct RatioInputs {
   int layers = 1, kv_heads = 1, head_dim = 128;
-  int64_t context_tokens = 0;     // tokens in one sequence
-  int block_tokens = 256;         // tokens per stored block
-  int sink_tokens = 4;            // kept lossless (fp16)
-  int64_t amortise_tokens = 0;    // codebooks are shared by this many tokens (0: by context_tokens)
-  int baseline_bits = 16;         // fp16 KV
+  int64_t context_tokens = 0;   // tokens in one sequence
+  int block_tokens = 256;       // tokens per stored block
+  int sink_tokens = 4;          // kept lossless (fp16)
+  int64_t amortise_tokens = 0;  // codebooks are shared by this many tokens (0: by context_tokens)
+  int baseline_bits = 16;       // fp16 KV
 };
 
 struct RatioReport {

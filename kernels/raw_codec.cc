@@ -13,7 +13,8 @@ class RawCodec final : public Codec {
   CodecKind kind() const override { return CodecKind::kRaw; }
 
  protected:
-  absl::Status EncodeBody(const PayloadHeader& h, const float* x, std::string* body) const override {
+  absl::Status EncodeBody(const PayloadHeader& h, const float* x,
+                          std::string* body) const override {
     const KvShape s = HeaderShape(h);
     const DType dt = static_cast<DType>(h.dtype);
     const size_t row = size_t(s.kv_heads) * s.head_dim;

@@ -30,15 +30,16 @@ std::vector<std::vector<float>> PrefixReconstructions(const Codebook& cb, int la
       for (int h = 0; h < heads; ++h) {
         const int64_t m = n / heads;
         sub.resize(m * dim);
-        for (int64_t v = 0; v < m; ++v) std::memcpy(&sub[v * dim], &r[(v * heads + h) * dim], dim * 4);
+        for (int64_t v = 0; v < m; ++v)
+          std::memcpy(&sub[v * dim], &r[(v * heads + h) * dim], dim * 4);
         std::vector<int32_t> sidx(m);
-        NearestCodewords(sub.data(), m, dim, cb.Table(layer, kind, h, i), cb.Norms(layer, kind, h, i), sc.size,
-                         sidx.data(), nullptr);
+        NearestCodewords(sub.data(), m, dim, cb.Table(layer, kind, h, i),
+                         cb.Norms(layer, kind, h, i), sc.size, sidx.data(), nullptr);
         for (int64_t v = 0; v < m; ++v) idx[v * heads + h] = sidx[v];
       }
     } else {
-      NearestCodewords(r.data(), n, dim, cb.Table(layer, kind, 0, i), cb.Norms(layer, kind, 0, i), sc.size,
-                       idx.data(), nullptr);
+      NearestCodewords(r.data(), n, dim, cb.Table(layer, kind, 0, i), cb.Norms(layer, kind, 0, i),
+                       sc.size, idx.data(), nullptr);
     }
     for (int64_t v = 0; v < n; ++v) {
       const int g = cfg.per_head ? int(v % heads) : 0;
@@ -55,22 +56,28 @@ std::vector<std::vector<float>> PrefixReconstructions(const Codebook& cb, int la
 
 }  // namespace
 
-RvqConfig MaxStagesConfig(int layers, int kv_heads, int head_dim, const BudgetOptions& opts, bool per_head) {
+RvqConfig MaxStagesConfig(int layers, int kv_heads, int head_dim, const BudgetOptions& opts,
+                          bool per_head) {
   const int kb = StageConfig{1, opts.k_size}.bits(), vb = StageConfig{1, opts.v_size}.bits();
   const double pair_bits = 2.0 * opts.bits_per_element * head_dim * opts.max_share;
   const int max_k = std::max(1, int((pair_bits - vb) / kb));
   const int max_v = std::max(1, int((pair_bits - kb) / vb));
-  return RvqConfig::Uniform(layers, kv_heads, head_dim, {max_k, opts.k_size}, {max_v, opts.v_size}, per_head);
+  return RvqConfig::Uniform(layers, kv_heads, head_dim, {max_k, opts.k_size}, {max_v, opts.v_size},
+                            per_head);
 }
 
 absl::StatusOr<SplitErrors> MeasureSplitErrors(const Codebook& full, const KvSamples& calib,
                                                const BudgetOptions& opts) {
   const RvqConfig& cfg = full.config();
-  if (calib.layers != cfg.layers || calib.kv_heads != cfg.kv_heads || calib.head_dim != cfg.head_dim) {
-    return absl::InvalidArgumentError("choose split: calibration samples do not match the codebook geometry");
+  if (calib.layers != cfg.layers || calib.kv_heads != cfg.kv_heads ||
+      calib.head_dim != cfg.head_dim) {
+    return absl::InvalidArgumentError(
+        "choose split: calibration samples do not match the codebook geometry");
   }
-  if (calib.q_heads <= 0 || int(calib.q.size()) != calib.layers || calib.q_heads % calib.kv_heads != 0) {
-    return absl::InvalidArgumentError("choose split: calibration samples carry no queries (q, q_heads)");
+  if (calib.q_heads <= 0 || int(calib.q.size()) != calib.layers ||
+      calib.q_heads % calib.kv_heads != 0) {
+    return absl::InvalidArgumentError(
+        "choose split: calibration samples carry no queries (q, q_heads)");
   }
   const int L = cfg.layers, dim = cfg.head_dim;
   std::vector<int64_t> seq_lens = calib.seq_lens;
@@ -110,13 +117,15 @@ absl::StatusOr<SplitErrors> MeasureSplitErrors(const Codebook& full, const KvSam
         err[l][a][b] = acc.Finish().output_rel_error;
       }
       ++step;
-      if (opts.progress) opts.progress(step, total, absl::StrCat("split: layer ", l, " K stages ", a + 1));
+      if (opts.progress)
+        opts.progress(step, total, absl::StrCat("split: layer ", l, " K stages ", a + 1));
     }
   }
   return SplitErrors{std::move(err)};
 }
 
-absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib, const BudgetOptions& opts) {
+absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib,
+                                         const BudgetOptions& opts) {
   VQKV_ASSIGN_OR_RETURN(SplitErrors errors, MeasureSplitErrors(full, calib, opts));
   return ChooseSplitFromErrors(full.config(), errors, opts);
 }
@@ -126,17 +135,20 @@ absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& cfg, const S
   const auto& err = errors.err;
   const int L = cfg.layers, dim = cfg.head_dim;
   const int kb = cfg.k[0].bits(), vb = cfg.v[0].bits();
-  if (int(err.size()) != L) return absl::InvalidArgumentError("choose split: error grid does not match the config");
+  if (int(err.size()) != L)
+    return absl::InvalidArgumentError("choose split: error grid does not match the config");
   // Budget in code bits per token per head, summed over layers.
-  const int64_t budget = static_cast<int64_t>(std::floor(opts.bits_per_element * 2 * dim * L + 1e-9));
+  const int64_t budget =
+      static_cast<int64_t>(std::floor(opts.bits_per_element * 2 * dim * L + 1e-9));
   const double inf = std::numeric_limits<double>::infinity();
   BudgetChoice best;
   best.config = cfg;
   auto describe = [&](const RvqConfig& c) {
     std::string t;
     for (int l = 0; l < L; ++l) {
-      absl::StrAppend(&t, "layer ", l, ": K ", c.k[l].stages, "x", c.k[l].size, " V ", c.v[l].stages, "x",
-                      c.v[l].size, " calib attention-output error ", err[l][c.k[l].stages - 1][c.v[l].stages - 1], "\n");
+      absl::StrAppend(&t, "layer ", l, ": K ", c.k[l].stages, "x", c.k[l].size, " V ",
+                      c.v[l].stages, "x", c.v[l].size, " calib attention-output error ",
+                      err[l][c.k[l].stages - 1][c.v[l].stages - 1], "\n");
     }
     return t;
   };
@@ -155,7 +167,8 @@ absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& cfg, const S
         }
       }
     }
-    if (best_err == inf) return absl::FailedPreconditionError("choose split: budget too small for 1 K + 1 V stage");
+    if (best_err == inf)
+      return absl::FailedPreconditionError("choose split: budget too small for 1 K + 1 V stage");
     for (int l = 0; l < L; ++l) {
       best.config.k[l].stages = bk;
       best.config.v[l].stages = bv;
@@ -166,7 +179,8 @@ absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& cfg, const S
   }
   // dp[l][bits] = least error of layers < l using exactly <= bits; choice recorded for backtrack.
   std::vector<std::vector<double>> dp(L + 1, std::vector<double>(budget + 1, inf));
-  std::vector<std::vector<std::pair<int, int>>> pick(L + 1, std::vector<std::pair<int, int>>(budget + 1, {0, 0}));
+  std::vector<std::vector<std::pair<int, int>>> pick(
+      L + 1, std::vector<std::pair<int, int>>(budget + 1, {0, 0}));
   std::fill(dp[0].begin(), dp[0].end(), 0.0);
   for (int l = 0; l < L; ++l) {
     for (int64_t used = 0; used <= budget; ++used) {
@@ -183,7 +197,9 @@ absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& cfg, const S
       }
     }
   }
-  if (dp[L][budget] == inf) return absl::FailedPreconditionError("choose split: budget too small for 1 K + 1 V stage per layer");
+  if (dp[L][budget] == inf)
+    return absl::FailedPreconditionError(
+        "choose split: budget too small for 1 K + 1 V stage per layer");
   int64_t used = budget;
   for (int l = L; l > 0; --l) {
     const auto [a, b] = pick[l][used];

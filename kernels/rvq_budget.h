@@ -21,17 +21,17 @@ namespace vqkv::kernels {
 struct BudgetOptions {
   double bits_per_element = 2.75;  // code bits per K/V element, averaged over K, V and layers
   int k_size = 1024, v_size = 512;
-  bool per_layer = true;           // false: the same split on every layer
-  double max_share = 1.5;          // a layer/kind may take up to this × the average budget
+  bool per_layer = true;   // false: the same split on every layer
+  double max_share = 1.5;  // a layer/kind may take up to this × the average budget
   int sink_tokens = 4, recent_tokens = 32;
-  int64_t query_stride = 4;        // measure every n-th query position
+  int64_t query_stride = 4;  // measure every n-th query position
   std::function<void(int64_t, int64_t, const std::string&)> progress;
 };
 
 struct BudgetChoice {
-  RvqConfig config;            // chosen stages per layer
-  double calib_error = 0;      // sum over layers of the attention-output relative error
-  std::string table;           // per-layer error grid summary for logs
+  RvqConfig config;        // chosen stages per layer
+  double calib_error = 0;  // sum over layers of the attention-output relative error
+  std::string table;       // per-layer error grid summary for logs
 };
 
 // Largest stage counts any split within `opts` may use (the codebook to fit first).

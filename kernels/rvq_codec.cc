@@ -37,10 +37,10 @@ class RvqCodec final : public Codec {
     if (auto st = Codec::CheckShape(s, first_layer); !st.ok()) return st;
     const RvqConfig& c = cb_.config();
     if (first_layer + s.layers > c.layers || s.kv_heads != c.kv_heads || s.head_dim != c.head_dim) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "rvq codec: block shape ", s.DebugString(), " at first_layer ", first_layer,
-          " does not match codebook ", cb_.id(), " (layers=", c.layers, ", kv_heads=", c.kv_heads,
-          ", head_dim=", c.head_dim, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("rvq codec: block shape ", s.DebugString(), " at first_layer ", first_layer,
+                       " does not match codebook ", cb_.id(), " (layers=", c.layers,
+                       ", kv_heads=", c.kv_heads, ", head_dim=", c.head_dim, ")"));
     }
     return absl::OkStatus();
   }
@@ -54,7 +54,8 @@ class RvqCodec final : public Codec {
     return (int64_t{s.tokens - sinks} * s.kv_heads * bits + 7) / 8;
   }
 
-  absl::Status EncodeBody(const PayloadHeader& h, const float* x, std::string* body) const override {
+  absl::Status EncodeBody(const PayloadHeader& h, const float* x,
+                          std::string* body) const override {
     const KvShape s = HeaderShape(h);
     const RvqConfig& cfg = cb_.config();
     const int sinks = h.sink_tokens, t1 = s.tokens - sinks, dim = s.head_dim, heads = s.kv_heads;
@@ -127,10 +128,11 @@ class RvqCodec final : public Codec {
 
   absl::Status DecodeBody(const PayloadHeader& h, std::string_view body, float* x) const override {
     if (std::memcmp(h.codebook_tag, tag_, 8) != 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "payload was encoded with codebook ", absl::BytesToHexString(absl::string_view(
-                                                    reinterpret_cast<const char*>(h.codebook_tag), 8)),
-          "..., decoder has ", cb_.id()));
+      return absl::FailedPreconditionError(
+          absl::StrCat("payload was encoded with codebook ",
+                       absl::BytesToHexString(
+                           absl::string_view(reinterpret_cast<const char*>(h.codebook_tag), 8)),
+                       "..., decoder has ", cb_.id()));
     }
     const KvShape s = HeaderShape(h);
     const RvqConfig& cfg = cb_.config();
@@ -170,7 +172,8 @@ absl::StatusOr<std::unique_ptr<Codec>> NewRvqCodec(const CodecSpec& spec) {
     return absl::FailedPreconditionError("rvq codec: no codebook (fit or upload one first)");
   }
   if (spec.beam < 1 || spec.beam > 64) {
-    return absl::InvalidArgumentError(absl::StrCat("rvq codec: beam must be in [1, 64], got ", spec.beam));
+    return absl::InvalidArgumentError(
+        absl::StrCat("rvq codec: beam must be in [1, 64], got ", spec.beam));
   }
   return std::unique_ptr<Codec>(new RvqCodec(spec));
 }

@@ -107,7 +107,8 @@ std::vector<float> KMeans(const float* x, int64_t n, int dim, int k, const FitOp
     std::vector<int64_t> order;
     for (int j = 0; j < k; ++j) {
       if (count[j] > 0) {
-        for (int d = 0; d < dim; ++d) c[size_t(j) * dim + d] = float(sum[size_t(j) * dim + d] / count[j]);
+        for (int d = 0; d < dim; ++d)
+          c[size_t(j) * dim + d] = float(sum[size_t(j) * dim + d] / count[j]);
       }
     }
     int64_t next_far = 0;
@@ -116,7 +117,8 @@ std::vector<float> KMeans(const float* x, int64_t n, int dim, int k, const FitOp
       if (order.empty()) {
         order.resize(n);
         for (int64_t i = 0; i < n; ++i) order[i] = i;
-        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return dist[a] > dist[b]; });
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int64_t a, int64_t b) { return dist[a] > dist[b]; });
       }
       if (next_far < n) {
         std::memcpy(&c[size_t(j) * dim], x + order[next_far] * dim, dim * 4);
@@ -138,10 +140,10 @@ absl::StatusOr<Codebook> FitCodebook(const RvqConfig& config, const KvSamples& s
   VQKV_RETURN_IF_ERROR(config.Validate());
   if (samples.layers != config.layers || samples.kv_heads != config.kv_heads ||
       samples.head_dim != config.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "fit: samples have layers/kv_heads/head_dim ", samples.layers, "/", samples.kv_heads, "/",
-        samples.head_dim, " but the config asks for ", config.layers, "/", config.kv_heads, "/",
-        config.head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat("fit: samples have layers/kv_heads/head_dim ", samples.layers, "/",
+                     samples.kv_heads, "/", samples.head_dim, " but the config asks for ",
+                     config.layers, "/", config.kv_heads, "/", config.head_dim));
   }
   if (int(samples.k.size()) != samples.layers || int(samples.v.size()) != samples.layers) {
     return absl::InvalidArgumentError("fit: samples need K and V for every layer");
@@ -149,7 +151,8 @@ absl::StatusOr<Codebook> FitCodebook(const RvqConfig& config, const KvSamples& s
   const int dim = config.head_dim, heads = config.kv_heads;
   const int groups = config.per_head ? heads : 1;
   int64_t total_steps = 0;
-  for (int l = 0; l < config.layers; ++l) total_steps += int64_t{groups} * (config.k[l].stages + config.v[l].stages);
+  for (int l = 0; l < config.layers; ++l)
+    total_steps += int64_t{groups} * (config.k[l].stages + config.v[l].stages);
   int64_t done = 0;
   std::vector<std::vector<float>> tables;
   for (int l = 0; l < config.layers; ++l) {
@@ -157,13 +160,14 @@ absl::StatusOr<Codebook> FitCodebook(const RvqConfig& config, const KvSamples& s
       const std::vector<float>& src = c == 0 ? samples.k[l] : samples.v[l];
       const int64_t tokens = int64_t(src.size()) / (int64_t{heads} * dim);
       if (tokens == 0 || int64_t(src.size()) != tokens * heads * dim) {
-        return absl::InvalidArgumentError(absl::StrCat("fit: layer ", l, c == 0 ? " K" : " V",
-                                                       " samples are empty or not a multiple of kv_heads*head_dim"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("fit: layer ", l, c == 0 ? " K" : " V",
+                         " samples are empty or not a multiple of kv_heads*head_dim"));
       }
       for (float v : src) {
         if (!std::isfinite(v)) {
-          return absl::InvalidArgumentError(absl::StrCat("fit: layer ", l, c == 0 ? " K" : " V",
-                                                         " samples hold NaN or Inf"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("fit: layer ", l, c == 0 ? " K" : " V", " samples hold NaN or Inf"));
         }
       }
       const StageConfig& sc = config.at(l, c);
@@ -195,8 +199,9 @@ absl::StatusOr<Codebook> FitCodebook(const RvqConfig& config, const KvSamples& s
           ++done;
           if (opts.progress) {
             opts.progress(done, total_steps,
-                          absl::StrCat("layer ", l, c == 0 ? " K" : " V", config.per_head ? absl::StrCat(" head ", g) : "",
-                                       " stage ", i + 1, "/", sc.stages, " mse ", mse));
+                          absl::StrCat("layer ", l, c == 0 ? " K" : " V",
+                                       config.per_head ? absl::StrCat(" head ", g) : "", " stage ",
+                                       i + 1, "/", sc.stages, " mse ", mse));
           }
         }
         tables.push_back(std::move(table));
@@ -209,8 +214,8 @@ absl::StatusOr<Codebook> FitCodebook(const RvqConfig& config, const KvSamples& s
 absl::StatusOr<Codebook> TruncateCodebook(const Codebook& cb, const RvqConfig& config) {
   VQKV_RETURN_IF_ERROR(config.Validate());
   const RvqConfig& full = cb.config();
-  if (config.layers != full.layers || config.kv_heads != full.kv_heads || config.head_dim != full.head_dim ||
-      config.per_head != full.per_head) {
+  if (config.layers != full.layers || config.kv_heads != full.kv_heads ||
+      config.head_dim != full.head_dim || config.per_head != full.per_head) {
     return absl::InvalidArgumentError("truncate: geometry differs from the source codebook");
   }
   const int groups = config.per_head ? config.kv_heads : 1;
@@ -220,9 +225,9 @@ absl::StatusOr<Codebook> TruncateCodebook(const Codebook& cb, const RvqConfig& c
       const StageConfig& want = config.at(l, c);
       const StageConfig& have = full.at(l, c);
       if (want.size != have.size || want.stages > have.stages) {
-        return absl::InvalidArgumentError(absl::StrCat("truncate: layer ", l, c == 0 ? " K" : " V", " wants ",
-                                                       want.stages, "x", want.size, " but the source has ",
-                                                       have.stages, "x", have.size));
+        return absl::InvalidArgumentError(
+            absl::StrCat("truncate: layer ", l, c == 0 ? " K" : " V", " wants ", want.stages, "x",
+                         want.size, " but the source has ", have.stages, "x", have.size));
       }
       for (int g = 0; g < groups; ++g) {
         const float* t = cb.Table(l, c, g, 0);

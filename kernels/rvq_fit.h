@@ -17,9 +17,9 @@ namespace vqkv::kernels {
 struct FitOptions {
   enum class Init { kPlusPlus, kSample };
   Init init = Init::kPlusPlus;
-  int iterations = 10;           // Lloyd iterations per stage
+  int iterations = 10;  // Lloyd iterations per stage
   uint64_t seed = 1;
-  int64_t max_vectors = 1 << 17; // per table; larger sample sets are subsampled (seeded)
+  int64_t max_vectors = 1 << 17;  // per table; larger sample sets are subsampled (seeded)
   // Called after each stage of each table: (done, total, description).
   std::function<void(int64_t, int64_t, const std::string&)> progress;
 };

@@ -71,7 +71,8 @@ class ScalarCodec final : public Codec {
     return absl::OkStatus();
   }
 
-  absl::Status EncodeBody(const PayloadHeader& h, const float* x, std::string* body) const override {
+  absl::Status EncodeBody(const PayloadHeader& h, const float* x,
+                          std::string* body) const override {
     const KvShape s = HeaderShape(h);
     const int sinks = h.sink_tokens, t1 = s.tokens - sinks, gk = group_k(), gv = group_v(s);
     std::vector<uint16_t> kp(KGroups(s, sinks) * 2), vp(VGroups(s, sinks) * 2);
@@ -121,8 +122,8 @@ class ScalarCodec final : public Codec {
 
   absl::Status DecodeBody(const PayloadHeader& h, std::string_view body, float* x) const override {
     if (h.param != spec_.scalar_bits || h.group != spec_.scalar_group) {
-      return absl::InvalidArgumentError(absl::StrCat("payload: encoded with scalar-", int{h.param}, "/g",
-                                                     h.group, ", decoder is ", Label()));
+      return absl::InvalidArgumentError(absl::StrCat("payload: encoded with scalar-", int{h.param},
+                                                     "/g", h.group, ", decoder is ", Label()));
     }
     const KvShape s = HeaderShape(h);
     const int sinks = h.sink_tokens, t1 = s.tokens - sinks, gk = group_k(), gv = group_v(s);

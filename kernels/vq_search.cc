@@ -25,7 +25,8 @@ void NearestRange(const float* r, int64_t begin, int64_t end, int dim, const flo
     const float* r2 = r1 + dim;
     const float* r3 = r2 + dim;
     float best[4] = {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity(),
-                     std::numeric_limits<float>::infinity(), std::numeric_limits<float>::infinity()};
+                     std::numeric_limits<float>::infinity(),
+                     std::numeric_limits<float>::infinity()};
     int32_t arg[4] = {0, 0, 0, 0};
     for (int j = 0; j < size; ++j) {
       const float* c = table + int64_t{j} * dim;
@@ -39,10 +40,22 @@ void NearestRange(const float* r, int64_t begin, int64_t end, int dim, const flo
       }
       const float n = norms[j];
       const float d0 = n - 2 * s0, d1 = n - 2 * s1, d2 = n - 2 * s2, d3 = n - 2 * s3;
-      if (d0 < best[0]) { best[0] = d0; arg[0] = j; }
-      if (d1 < best[1]) { best[1] = d1; arg[1] = j; }
-      if (d2 < best[2]) { best[2] = d2; arg[2] = j; }
-      if (d3 < best[3]) { best[3] = d3; arg[3] = j; }
+      if (d0 < best[0]) {
+        best[0] = d0;
+        arg[0] = j;
+      }
+      if (d1 < best[1]) {
+        best[1] = d1;
+        arg[1] = j;
+      }
+      if (d2 < best[2]) {
+        best[2] = d2;
+        arg[2] = j;
+      }
+      if (d3 < best[3]) {
+        best[3] = d3;
+        arg[3] = j;
+      }
     }
     for (int k = 0; k < 4; ++k) {
       idx[i + k] = arg[k];
@@ -78,7 +91,8 @@ void NearestCodewords(const float* r, int64_t n, int dim, const float* table, co
   }
   // Aim for chunks of at least ~4 MFLOP so thread start-up stays negligible.
   const int64_t per_row = int64_t{size} * dim * 2;
-  const int64_t min_chunk = std::max<int64_t>(4, (int64_t{4} << 20) / std::max<int64_t>(1, per_row));
+  const int64_t min_chunk =
+      std::max<int64_t>(4, (int64_t{4} << 20) / std::max<int64_t>(1, per_row));
   ParallelFor(n, min_chunk, [&](int64_t b, int64_t e) {
     NearestRange(r, b, e, dim, table, norms, size, idx, dist);
   });
@@ -116,14 +130,16 @@ float EncodeVector(const float* x, int dim, const std::vector<const float*>& tab
     for (int b = 0; b < int(beams.size()); ++b) {
       const Hyp& h = beams[b];
       for (int j = 0; j < sizes[i]; ++j) {
-        const float e = h.err + norms[i][j] - 2 * Dot(h.r.data(), tables[i] + int64_t{j} * dim, dim);
+        const float e =
+            h.err + norms[i][j] - 2 * Dot(h.r.data(), tables[i] + int64_t{j} * dim, dim);
         cands.push_back({e, b, j});
       }
     }
     const size_t keep = std::min<size_t>(beam, cands.size());
-    std::partial_sort(cands.begin(), cands.begin() + keep, cands.end(), [](const Cand& a, const Cand& b) {
-      return a.err < b.err || (a.err == b.err && (a.b < b.b || (a.b == b.b && a.j < b.j)));
-    });
+    std::partial_sort(
+        cands.begin(), cands.begin() + keep, cands.end(), [](const Cand& a, const Cand& b) {
+          return a.err < b.err || (a.err == b.err && (a.b < b.b || (a.b == b.b && a.j < b.j)));
+        });
     std::vector<Hyp> next;
     for (size_t k = 0; k < keep; ++k) {
       Hyp h = beams[cands[k].b];

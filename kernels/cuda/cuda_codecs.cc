@@ -80,7 +80,8 @@ absl::StatusOr<std::string> PayloadPrefix(const Codec& codec, const KvBlockView&
   if (static_cast<uint8_t>(blk.dtype) > 2) {
     return absl::InvalidArgumentError(absl::StrCat("block ", b, ": unsupported dtype"));
   }
-  if (blk.data == nullptr) return absl::InvalidArgumentError(absl::StrCat("block ", b, ": null data"));
+  if (blk.data == nullptr)
+    return absl::InvalidArgumentError(absl::StrCat("block ", b, ": null data"));
   if (blk.first_token < 0) {
     return absl::InvalidArgumentError(absl::StrCat("block ", b, ": first_token must be >= 0"));
   }
@@ -111,7 +112,8 @@ absl::StatusOr<std::string> PayloadPrefix(const Codec& codec, const KvBlockView&
       ToFloat(blk.dtype, src, f.size(), f.data());
       for (float v : f) {
         if (!std::isfinite(v)) {
-          return absl::InvalidArgumentError(absl::StrCat("block ", b, ": a sink value is NaN or Inf"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("block ", b, ": a sink value is NaN or Inf"));
         }
       }
     }
@@ -175,8 +177,7 @@ class CudaRvqCodec final : public Codec {
   absl::Status CheckShape(const KvShape& s, int first_layer) const override {
     VQKV_RETURN_IF_ERROR(Codec::CheckShape(s, first_layer));
     const RvqConfig& c = dcb_->config();
-    if (first_layer + s.layers > c.layers || s.kv_heads != c.kv_heads ||
-        s.head_dim != c.head_dim) {
+    if (first_layer + s.layers > c.layers || s.kv_heads != c.kv_heads || s.head_dim != c.head_dim) {
       return absl::InvalidArgumentError(absl::StrCat(
           "rvq-cuda codec: block shape ", s.DebugString(), " at first_layer ", first_layer,
           " does not match codebook ", dcb_->codebook().id(), " (layers=", c.layers,
@@ -189,16 +190,17 @@ class CudaRvqCodec final : public Codec {
   }
   absl::Status CheckTag(const PayloadHeader& h) const {
     if (std::memcmp(h.codebook_tag, tag_, 8) != 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "payload was encoded with codebook ",
-          absl::BytesToHexString(
-              absl::string_view(reinterpret_cast<const char*>(h.codebook_tag), 8)),
-          "..., decoder has ", dcb_->codebook().id()));
+      return absl::FailedPreconditionError(
+          absl::StrCat("payload was encoded with codebook ",
+                       absl::BytesToHexString(
+                           absl::string_view(reinterpret_cast<const char*>(h.codebook_tag), 8)),
+                       "..., decoder has ", dcb_->codebook().id()));
     }
     return absl::OkStatus();
   }
 
-  absl::Status EncodeBody(const PayloadHeader& h, const float* x, std::string* body) const override {
+  absl::Status EncodeBody(const PayloadHeader& h, const float* x,
+                          std::string* body) const override {
     const KvShape s = HeaderShape(h);
     const int64_t nb = BodyBytes(s, h.sink_tokens, DType::kF32, h.first_layer);
     if (nb == 0) return absl::OkStatus();
@@ -343,7 +345,8 @@ absl::Status CudaRvqCodec::DecodeBatchImpl(absl::Span<const std::string_view> pa
     const size_t sink_bytes = size_t(s.layers) * 2 * h.sink_tokens * s.kv_heads * s.head_dim *
                               DTypeSize(static_cast<DType>(h.dtype));
     const char* p = payloads[b].data() + sizeof(PayloadHeader);
-    VQKV_RETURN_IF_ERROR(ToDevice(dsink + sink_off[b], p, sink_bytes, ctx.stream(), "upload sinks"));
+    VQKV_RETURN_IF_ERROR(
+        ToDevice(dsink + sink_off[b], p, sink_bytes, ctx.stream(), "upload sinks"));
     VQKV_RETURN_IF_ERROR(ToDevice(dbody + body_off[b], p + sink_bytes,
                                   payloads[b].size() - sizeof(PayloadHeader) - sink_bytes,
                                   ctx.stream(), "upload body"));
@@ -401,7 +404,8 @@ class CudaScalarCodec final : public Codec {
     return absl::OkStatus();
   }
 
-  absl::Status EncodeBody(const PayloadHeader& h, const float* x, std::string* body) const override {
+  absl::Status EncodeBody(const PayloadHeader& h, const float* x,
+                          std::string* body) const override {
     const KvShape s = HeaderShape(h);
     const int64_t nb = BodyBytes(s, h.sink_tokens, DType::kF32, 0);
     if (s.tokens == h.sink_tokens) return absl::OkStatus();
@@ -530,8 +534,9 @@ absl::Status CudaScalarCodec::DecodeBatchImpl(absl::Span<const std::string_view>
     VQKV_ASSIGN_OR_RETURN(PayloadHeader h, ReadPayloadHeader(payloads[b]));
     VQKV_RETURN_IF_ERROR(CheckParams(h));
     VQKV_RETURN_IF_ERROR(CheckShape(HeaderShape(h), h.first_layer));
-    VQKV_ASSIGN_OR_RETURN(h, CheckPayload(*this, payloads[b], b, out_dtype, out_bytes[b], out[b],
-                                          BodyBytes(HeaderShape(h), h.sink_tokens, DType::kF32, 0)));
+    VQKV_ASSIGN_OR_RETURN(h,
+                          CheckPayload(*this, payloads[b], b, out_dtype, out_bytes[b], out[b],
+                                       BodyBytes(HeaderShape(h), h.sink_tokens, DType::kF32, 0)));
     if (b > 0 && (h.layers != hs[0].layers || h.kv_heads != hs[0].kv_heads ||
                   h.head_dim != hs[0].head_dim)) {
       return absl::InvalidArgumentError("scalar-cuda: a batch needs one layers/heads/head_dim");
@@ -560,9 +565,8 @@ absl::Status CudaScalarCodec::DecodeBatchImpl(absl::Span<const std::string_view>
     const PayloadHeader& h = hs[b];
     const KvShape s = HeaderShape(h);
     const size_t nb = size_t(BodyBytes(s, h.sink_tokens, DType::kF32, 0));
-    VQKV_RETURN_IF_ERROR(ToDevice(dbody + body_off[b],
-                                  payloads[b].data() + payloads[b].size() - nb, nb, ctx.stream(),
-                                  "upload body"));
+    VQKV_RETURN_IF_ERROR(ToDevice(dbody + body_off[b], payloads[b].data() + payloads[b].size() - nb,
+                                  nb, ctx.stream(), "upload body"));
     dev[b].shape = s;
     dev[b].sinks = h.sink_tokens;
     dev[b].out = dout + out_off[b];
@@ -639,7 +643,8 @@ absl::StatusOr<std::unique_ptr<Codec>> NewCudaRvqCodec(const CodecSpec& spec) {
   if (!CudaDeviceAvailable()) {
     return absl::FailedPreconditionError("rvq-cuda codec: no CUDA device");
   }
-  VQKV_ASSIGN_OR_RETURN(std::shared_ptr<const DeviceCodebook> dcb, GetDeviceCodebook(spec.codebook));
+  VQKV_ASSIGN_OR_RETURN(std::shared_ptr<const DeviceCodebook> dcb,
+                        GetDeviceCodebook(spec.codebook));
   return std::unique_ptr<Codec>(new CudaRvqCodec(spec, std::move(dcb)));
 }
 

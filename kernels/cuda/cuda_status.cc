@@ -8,8 +8,8 @@ namespace vqkv::kernels::cuda {
 
 absl::Status CudaStatus(cudaError_t e, std::string_view op) {
   if (e == cudaSuccess) return absl::OkStatus();
-  const std::string msg = absl::StrCat(std::string(op), ": ", cudaGetErrorName(e), " (",
-                                       cudaGetErrorString(e), ")");
+  const std::string msg =
+      absl::StrCat(std::string(op), ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
   switch (e) {
     case cudaErrorMemoryAllocation:
       return absl::ResourceExhaustedError(msg);

@@ -21,10 +21,10 @@ bool CudaDeviceAvailable();
 
 }  // namespace vqkv::kernels::cuda
 
-#define VQKV_CUDA_RETURN_IF_ERROR(expr, op)                                     \
-  do {                                                                          \
-    const cudaError_t vqkv_cuda_err_ = (expr);                                  \
-    if (vqkv_cuda_err_ != cudaSuccess) {                                        \
-      return ::vqkv::kernels::cuda::CudaStatus(vqkv_cuda_err_, op);             \
-    }                                                                           \
+#define VQKV_CUDA_RETURN_IF_ERROR(expr, op)                         \
+  do {                                                              \
+    const cudaError_t vqkv_cuda_err_ = (expr);                      \
+    if (vqkv_cuda_err_ != cudaSuccess) {                            \
+      return ::vqkv::kernels::cuda::CudaStatus(vqkv_cuda_err_, op); \
+    }                                                               \
   } while (0)

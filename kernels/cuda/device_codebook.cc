@@ -94,15 +94,15 @@ absl::StatusOr<std::unique_ptr<DeviceCodebook>> DeviceCodebook::Create(
   }
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer prep_dev,
                         DeviceBuffer::Allocate(prep.size() * sizeof(RvqPrepTable), "prep"));
-  VQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(prep_dev.get(), prep.data(), prep.size() * sizeof(RvqPrepTable),
-                                       cudaMemcpyHostToDevice),
+  VQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(prep_dev.get(), prep.data(),
+                                       prep.size() * sizeof(RvqPrepTable), cudaMemcpyHostToDevice),
                             "DeviceCodebook: upload prep");
-  VQKV_CUDA_RETURN_IF_ERROR(LaunchRvqPrep(prep_dev.as<RvqPrepTable>(), static_cast<int>(prep.size()),
-                                          max_stages, dim, nullptr),
+  VQKV_CUDA_RETURN_IF_ERROR(LaunchRvqPrep(prep_dev.as<RvqPrepTable>(),
+                                          static_cast<int>(prep.size()), max_stages, dim, nullptr),
                             "DeviceCodebook: prep kernel");
-  VQKV_ASSIGN_OR_RETURN(out->tables_, DeviceBuffer::Allocate(out->host_tables_.size() *
-                                                                 sizeof(RvqDeviceTable),
-                                                             "table descriptors"));
+  VQKV_ASSIGN_OR_RETURN(out->tables_,
+                        DeviceBuffer::Allocate(out->host_tables_.size() * sizeof(RvqDeviceTable),
+                                               "table descriptors"));
   VQKV_CUDA_RETURN_IF_ERROR(
       cudaMemcpy(out->tables_.get(), out->host_tables_.data(),
                  out->host_tables_.size() * sizeof(RvqDeviceTable), cudaMemcpyHostToDevice),

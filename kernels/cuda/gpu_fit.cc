@@ -1,7 +1,10 @@
 #include "kernels/cuda/gpu_fit.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <numeric>
@@ -10,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/parallel.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/device_buffer.h"
@@ -23,7 +27,7 @@ namespace {
 // One table's sample and random state, prepared exactly as FitCodebook does.
 struct TableJob {
   int l = 0, c = 0, g = 0;
-  std::vector<float> x;         // [n, dim] sample rows
+  std::vector<float> x;  // [n, dim] sample rows
   int64_t n = 0;
   std::vector<uint64_t> seeds;  // per stage, the CPU's rng() for KMeans
   std::vector<float> table;     // [stages, size, dim] result
@@ -54,10 +58,44 @@ absl::Status Upload(T* dst, const T* src, size_t count, cudaStream_t s, const ch
   return absl::OkStatus();
 }
 
+// Optional phase timing (VQKV_FIT_PROFILE=1): seconds of device time per phase, summed.
+struct FitProfile {
+  bool on = std::getenv("VQKV_FIT_PROFILE") != nullptr;
+  double seed = 0, assign = 0, update = 0;
+};
+
+class PhaseTimer {
+ public:
+  PhaseTimer(bool on, cudaStream_t s) : on_(on), s_(s) {
+    if (on_) {
+      for (auto& e : ev_) (void)cudaEventCreate(&e);
+    }
+  }
+  ~PhaseTimer() {
+    if (on_) {
+      for (auto& e : ev_) (void)cudaEventDestroy(e);
+    }
+  }
+  void Mark(int i) {
+    if (on_) (void)cudaEventRecord(ev_[i], s_);
+  }
+  double Seconds(int a, int b) {
+    float ms = 0;
+    if (on_) (void)cudaEventElapsedTime(&ms, ev_[a], ev_[b]);
+    return ms * 1e-3;
+  }
+
+ private:
+  bool on_;
+  cudaStream_t s_;
+  cudaEvent_t ev_[4] = {};
+};
+
 // Fits every stage of a group of tables with the same (stages, size, n).
 absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int dim,
                       const FitOptions& opts, const GpuFitOptions& gopts, int64_t total_steps,
-                      int64_t* done, cudaStream_t stream) {
+                      int64_t* done, cudaStream_t stream, FitProfile* prof) {
+  PhaseTimer timer(prof->on, stream);
   const int T = static_cast<int>(jobs.size());
   const int64_t n = jobs[0]->n;
   const int k = sc.size;
@@ -77,7 +115,8 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer norms, DeviceBuffer::Allocate(size_t(T) * k * 4, "fit norms"));
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer cb16,
                         DeviceBuffer::Allocate(size_t(T) * pad * dim * 2, "fit cb16"));
-  VQKV_ASSIGN_OR_RETURN(DeviceBuffer cinit, DeviceBuffer::Allocate(size_t(T) * pad * 4, "fit cinit"));
+  VQKV_ASSIGN_OR_RETURN(DeviceBuffer cinit,
+                        DeviceBuffer::Allocate(size_t(T) * pad * 4, "fit cinit"));
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer scale, DeviceBuffer::Allocate(size_t(T) * 4, "fit scale"));
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer dist, DeviceBuffer::Allocate(size_t(T) * n * 4, "fit dist"));
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer assign,
@@ -86,11 +125,11 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer bsum,
                         DeviceBuffer::Allocate(size_t(T) * init_blocks * 8, "fit block sums"));
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer unis, DeviceBuffer::Allocate(size_t(T) * k * 8, "fit draws"));
-  VQKV_ASSIGN_OR_RETURN(DeviceBuffer picks,
-                        DeviceBuffer::Allocate(size_t(T) * k * 8, "fit picks"));
+  VQKV_ASSIGN_OR_RETURN(DeviceBuffer picks, DeviceBuffer::Allocate(size_t(T) * k * 8, "fit picks"));
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer sums,
                         DeviceBuffer::Allocate(size_t(T) * k * dim * 8, "fit sums"));
-  VQKV_ASSIGN_OR_RETURN(DeviceBuffer counts, DeviceBuffer::Allocate(size_t(T) * k * 8, "fit counts"));
+  VQKV_ASSIGN_OR_RETURN(DeviceBuffer counts,
+                        DeviceBuffer::Allocate(size_t(T) * k * 8, "fit counts"));
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer maxb, DeviceBuffer::Allocate(size_t(T) * 4, "fit max"));
   VQKV_ASSIGN_OR_RETURN(DeviceBuffer pick1, DeviceBuffer::Allocate(size_t(T) * 8, "fit pick"));
 
@@ -193,14 +232,17 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
   std::vector<float> host_dist;
 
   for (int stage = 0; stage < sc.stages; ++stage) {
+    double t_assign = 0, t_update = 0;
+    timer.Mark(0);
     if (n <= k) {
       // Too few points: the points themselves (and perturbed copies), as the CPU does.
       std::vector<float> xs(size_t(n) * dim);
       host_cent.assign(size_t(T) * k * dim, 0.f);
       VQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream), "gpu fit");
       for (int t = 0; t < T; ++t) {
-        VQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(xs.data(), km[t].x, xs.size() * 4, cudaMemcpyDeviceToHost),
-                                  "gpu fit: download points");
+        VQKV_CUDA_RETURN_IF_ERROR(
+            cudaMemcpy(xs.data(), km[t].x, xs.size() * 4, cudaMemcpyDeviceToHost),
+            "gpu fit: download points");
         float* c = host_cent.data() + size_t(t) * k * dim;
         for (int j = 0; j < k; ++j) {
           if (j < n) {
@@ -211,8 +253,8 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
           }
         }
       }
-      VQKV_RETURN_IF_ERROR(Upload(cent.as<float>(), host_cent.data(), host_cent.size(), stream,
-                                  "centroids"));
+      VQKV_RETURN_IF_ERROR(
+          Upload(cent.as<float>(), host_cent.data(), host_cent.size(), stream, "centroids"));
     } else if (plusplus) {
       for (int t = 0; t < T; ++t) {
         std::mt19937_64 rng(jobs[t]->seeds[stage]);
@@ -221,10 +263,10 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
           host_unis[size_t(t) * k + j] = std::generate_canonical<double, 53>(rng);
         }
       }
-      VQKV_RETURN_IF_ERROR(Upload(unis.as<double>(), host_unis.data(), host_unis.size(), stream,
-                                  "draws"));
-      VQKV_RETURN_IF_ERROR(Upload(pick1.as<int64_t>(), host_pick0.data(), host_pick0.size(),
-                                  stream, "first picks"));
+      VQKV_RETURN_IF_ERROR(
+          Upload(unis.as<double>(), host_unis.data(), host_unis.size(), stream, "draws"));
+      VQKV_RETURN_IF_ERROR(
+          Upload(pick1.as<int64_t>(), host_pick0.data(), host_pick0.size(), stream, "first picks"));
       VQKV_CUDA_RETURN_IF_ERROR(LaunchKmSeedFirst(kp, stream), "gpu fit: seed");
       for (int j = 0; j + 1 < k; ++j) {
         VQKV_CUDA_RETURN_IF_ERROR(LaunchKmPlusPlusUpdate(kp, j, stream), "gpu fit: k-means++");
@@ -241,26 +283,38 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
           host_picks[size_t(t) * k + j] = perm[j];
         }
       }
-      VQKV_RETURN_IF_ERROR(Upload(picks.as<int64_t>(), host_picks.data(), host_picks.size(),
-                                  stream, "picks"));
+      VQKV_RETURN_IF_ERROR(
+          Upload(picks.as<int64_t>(), host_picks.data(), host_picks.size(), stream, "picks"));
       VQKV_CUDA_RETURN_IF_ERROR(LaunchKmGather(kp, picks.as<int64_t>(), stream), "gpu fit: seed");
     }
 
+    timer.Mark(1);
     VQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(maxb.get(), 0, maxb.bytes(), stream), "gpu fit");
     VQKV_CUDA_RETURN_IF_ERROR(LaunchKmMaxAbs(kp, stream), "gpu fit: max");
     for (int it = 0; it <= opts.iterations; ++it) {
+      timer.Mark(2);
       VQKV_CUDA_RETURN_IF_ERROR(LaunchRvqPrep(prep_dev, T, 1, dim, stream), "gpu fit: prep");
       const bool last = it == opts.iterations || n <= k;
       // The last assignment also subtracts the chosen centroids: the next stage's residuals.
       ep.residual_out = last ? x.as<float>() : nullptr;
       VQKV_CUDA_RETURN_IF_ERROR(tc ? LaunchRvqEncode(ep, stream) : LaunchRvqEncodeExact(ep, stream),
                                 "gpu fit: assign");
+      timer.Mark(3);
+      if (prof->on) {
+        (void)cudaStreamSynchronize(stream);
+        t_assign += timer.Seconds(2, 3);
+      }
       if (last) break;
       VQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(sums.get(), 0, sums.bytes(), stream), "gpu fit");
       VQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(counts.get(), 0, counts.bytes(), stream),
                                 "gpu fit");
       VQKV_CUDA_RETURN_IF_ERROR(LaunchKmAccumulate(kp, stream), "gpu fit: sums");
       VQKV_CUDA_RETURN_IF_ERROR(LaunchKmUpdate(kp, stream), "gpu fit: update");
+      timer.Mark(2);
+      if (prof->on) {
+        (void)cudaStreamSynchronize(stream);
+        t_update += timer.Seconds(3, 2);
+      }
     }
     host_cent.resize(size_t(T) * k * dim);
     VQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_cent.data(), cent.get(), host_cent.size() * 4,
@@ -273,6 +327,11 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
                                 "gpu fit: download distances");
     }
     VQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream), "gpu fit: stage");
+    if (prof->on) {
+      prof->seed += timer.Seconds(0, 1);
+      prof->assign += t_assign;
+      prof->update += t_update;
+    }
     for (int t = 0; t < T; ++t) {
       std::memcpy(jobs[t]->table.data() + size_t(stage) * k * dim,
                   host_cent.data() + size_t(t) * k * dim, size_t(k) * dim * 4);
@@ -281,11 +340,11 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
         double s = 0;
         for (int64_t i = 0; i < n; ++i) s += host_dist[size_t(t) * n + i];
         const TableJob& j = *jobs[t];
-        opts.progress(*done, total_steps,
-                      absl::StrCat("layer ", j.l, j.c == 0 ? " K" : " V",
-                                   j.g >= 0 ? absl::StrCat(" head ", j.g) : "", " stage ",
-                                   stage + 1, "/", sc.stages, " mse ", n > k ? s / double(n) : 0.0,
-                                   " (gpu)"));
+        opts.progress(
+            *done, total_steps,
+            absl::StrCat("layer ", j.l, j.c == 0 ? " K" : " V",
+                         j.g >= 0 ? absl::StrCat(" head ", j.g) : "", " stage ", stage + 1, "/",
+                         sc.stages, " mse ", n > k ? s / double(n) : 0.0, " (gpu)"));
       }
     }
   }
@@ -296,13 +355,14 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
 
 absl::StatusOr<Codebook> FitCodebookGpu(const RvqConfig& config, const KvSamples& samples,
                                         const FitOptions& opts, const GpuFitOptions& gopts) {
+  const auto t_start = std::chrono::steady_clock::now();
   VQKV_RETURN_IF_ERROR(config.Validate());
   if (samples.layers != config.layers || samples.kv_heads != config.kv_heads ||
       samples.head_dim != config.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "fit: samples have layers/kv_heads/head_dim ", samples.layers, "/", samples.kv_heads, "/",
-        samples.head_dim, " but the config asks for ", config.layers, "/", config.kv_heads, "/",
-        config.head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat("fit: samples have layers/kv_heads/head_dim ", samples.layers, "/",
+                     samples.kv_heads, "/", samples.head_dim, " but the config asks for ",
+                     config.layers, "/", config.kv_heads, "/", config.head_dim));
   }
   if (int(samples.k.size()) != samples.layers || int(samples.v.size()) != samples.layers) {
     return absl::InvalidArgumentError("fit: samples need K and V for every layer");
@@ -315,23 +375,28 @@ absl::StatusOr<Codebook> FitCodebookGpu(const RvqConfig& config, const KvSamples
     total_steps += int64_t{groups} * (config.k[l].stages + config.v[l].stages);
   }
 
-  // Sample rows and seeds, exactly as FitCodebook draws them.
-  std::vector<TableJob> jobs;
-  jobs.reserve(size_t(config.layers) * 2 * groups);
-  for (int l = 0; l < config.layers; ++l) {
-    for (int c = 0; c < 2; ++c) {
+  // Sample rows and seeds, exactly as FitCodebook draws them; tables in parallel (the finiteness
+  // scan alone reads every sample value).
+  const int ntables = config.layers * 2 * groups;
+  std::vector<TableJob> jobs(ntables);
+  std::vector<absl::Status> errors(size_t(config.layers) * 2);
+  ParallelFor(int64_t(config.layers) * 2, 1, [&](int64_t b, int64_t e) {
+    for (int64_t lc = b; lc < e; ++lc) {
+      const int l = static_cast<int>(lc / 2), c = static_cast<int>(lc % 2);
       const std::vector<float>& src = c == 0 ? samples.k[l] : samples.v[l];
       const int64_t tokens = int64_t(src.size()) / (int64_t{heads} * dim);
       if (tokens == 0 || int64_t(src.size()) != tokens * heads * dim) {
-        return absl::InvalidArgumentError(
+        errors[lc] = absl::InvalidArgumentError(
             absl::StrCat("fit: layer ", l, c == 0 ? " K" : " V",
                          " samples are empty or not a multiple of kv_heads*head_dim"));
+        continue;
       }
-      for (float v : src) {
-        if (!std::isfinite(v)) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("fit: layer ", l, c == 0 ? " K" : " V", " samples hold NaN or Inf"));
-        }
+      bool finite = true;
+      for (float v : src) finite = finite && std::isfinite(v);
+      if (!finite) {
+        errors[lc] = absl::InvalidArgumentError(
+            absl::StrCat("fit: layer ", l, c == 0 ? " K" : " V", " samples hold NaN or Inf"));
+        continue;
       }
       const StageConfig& sc = config.at(l, c);
       for (int g = 0; g < groups; ++g) {
@@ -345,24 +410,25 @@ absl::StatusOr<Codebook> FitCodebookGpu(const RvqConfig& config, const KvSamples
           rows.resize(opts.max_vectors);
           std::sort(rows.begin(), rows.end());
         }
-        TableJob job;
+        TableJob& job = jobs[size_t(lc) * groups + g];
         job.l = l;
         job.c = c;
         job.g = config.per_head ? g : -1;
         job.n = int64_t(rows.size());
         if (job.n > (int64_t{1} << 30)) {
-          return absl::InvalidArgumentError("fit: more than 2^30 sample rows per table");
+          errors[lc] = absl::InvalidArgumentError("fit: more than 2^30 sample rows per table");
+          break;
         }
         job.x.resize(size_t(job.n) * dim);
         for (int64_t i = 0; i < job.n; ++i) {
           std::memcpy(&job.x[size_t(i) * dim], &src[size_t(rows[i]) * dim], size_t(dim) * 4);
         }
-        for (int s = 0; s < sc.stages; ++s) job.seeds.push_back(rng());
+        for (int st = 0; st < sc.stages; ++st) job.seeds.push_back(rng());
         job.table.assign(size_t(sc.stages) * sc.size * dim, 0.f);
-        jobs.push_back(std::move(job));
       }
     }
-  }
+  });
+  for (const absl::Status& st : errors) VQKV_RETURN_IF_ERROR(st);
 
   Stream stream;
   VQKV_RETURN_IF_ERROR(stream.Init());
@@ -373,9 +439,12 @@ absl::StatusOr<Codebook> FitCodebookGpu(const RvqConfig& config, const KvSamples
     batches[{sc.stages, sc.size, j.n}].push_back(&j);
   }
   int64_t done = 0;
+  FitProfile prof;
+  const auto t0 = std::chrono::steady_clock::now();
   for (auto& [key, group] : batches) {
     const StageConfig sc{std::get<0>(key), std::get<1>(key)};
-    VQKV_RETURN_IF_ERROR(FitGroup(group, sc, dim, opts, gopts, total_steps, &done, stream.get()));
+    VQKV_RETURN_IF_ERROR(
+        FitGroup(group, sc, dim, opts, gopts, total_steps, &done, stream.get(), &prof));
     for (TableJob* j : group) {
       j->x.clear();
       j->x.shrink_to_fit();
@@ -384,7 +453,20 @@ absl::StatusOr<Codebook> FitCodebookGpu(const RvqConfig& config, const KvSamples
   std::vector<std::vector<float>> tables;
   tables.reserve(jobs.size());
   for (TableJob& j : jobs) tables.push_back(std::move(j.table));
-  return Codebook::Create(config, std::move(tables));
+  const auto t1 = std::chrono::steady_clock::now();
+  auto cb = Codebook::Create(config, std::move(tables));
+  if (prof.on) {
+    const auto t2 = std::chrono::steady_clock::now();
+    std::fprintf(stderr,
+                 "gpu fit profile: k-means++ seeding %.2f s, assignments %.2f s, sums+update %.2f "
+                 "s (device time); host sample prep %.2f s, groups %.2f s wall; Codebook::Create "
+                 "%.2f s\n",
+                 prof.seed, prof.assign, prof.update,
+                 std::chrono::duration<double>(t0 - t_start).count(),
+                 std::chrono::duration<double>(t1 - t0).count(),
+                 std::chrono::duration<double>(t2 - t1).count());
+  }
+  return cb;
 }
 
 }  // namespace vqkv::kernels::cuda

@@ -20,10 +20,10 @@ absl::Status CheckBlockShape(const RvqConfig& cfg, const KvShape& s, int sinks, 
   VQKV_RETURN_IF_ERROR(ValidateShape(s));
   if (first_layer < 0 || first_layer + s.layers > cfg.layers || s.kv_heads != cfg.kv_heads ||
       s.head_dim != cfg.head_dim) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": block ", b, " shape ", s.DebugString(), " at first_layer ", first_layer,
-        " does not match the codebook (layers=", cfg.layers, ", kv_heads=", cfg.kv_heads,
-        ", head_dim=", cfg.head_dim, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": block ", b, " shape ", s.DebugString(), " at first_layer ", first_layer,
+                     " does not match the codebook (layers=", cfg.layers,
+                     ", kv_heads=", cfg.kv_heads, ", head_dim=", cfg.head_dim, ")"));
   }
   if (sinks < 0 || sinks > s.tokens) {
     return absl::InvalidArgumentError(
@@ -88,7 +88,7 @@ absl::Status RvqEncodeCodes(const DeviceCodebook& cb, absl::Span<const DeviceKvB
   const SegmentPrefix pre = MakePrefix(cfg);
   const int D = cfg.head_dim, H = cfg.kv_heads;
   const bool tc = opts.tensor_cores && RvqEncodeHasTensorCorePath(D);
-  const int tile_rows = RvqEncodeTileRows(D);
+  const int tile_rows = RvqEncodeTileRows(D, opts.encode_variant);
   const int heads_per_table = cfg.per_head ? H : 1;
   const int num_tables = cb.num_tables();
 
@@ -134,7 +134,8 @@ absl::Status RvqEncodeCodes(const DeviceCodebook& cb, absl::Span<const DeviceKvB
         const int64_t off = blk.shape.Offset(l, c, blk.sinks, h);
         s.in = static_cast<const char*>(blk.data) + off * DTypeSize(blk.dtype);
         s.in_row_stride = cfg.per_head ? int64_t(H) * D : D;
-        s.code_offset = code_base[b] + int64_t(t1) * (pre.codes[lc] - pre.codes[2 * blk.first_layer]) +
+        s.code_offset = code_base[b] +
+                        int64_t(t1) * (pre.codes[lc] - pre.codes[2 * blk.first_layer]) +
                         int64_t(h) * stages;
         s.code_row_stride = cfg.per_head ? int64_t(H) * stages : stages;
         s.rows = cfg.per_head ? t1 : t1 * H;
@@ -173,6 +174,7 @@ absl::Status RvqEncodeCodes(const DeviceCodebook& cb, absl::Span<const DeviceKvB
     p.in_type = static_cast<ElemType>(dt);
     p.codes = codes;
     p.error_flag = flag;
+    p.variant = opts.encode_variant;
     VQKV_CUDA_RETURN_IF_ERROR(tc ? LaunchRvqEncode(p, stream) : LaunchRvqEncodeExact(p, stream),
                               "rvq encode kernel");
   }
@@ -239,7 +241,8 @@ absl::Status RvqEncode(const DeviceCodebook& cb, absl::Span<const DeviceKvBlock>
   const SegmentPrefix pre = MakePrefix(cb.config());
   for (const DeviceKvBlock& b : blocks) {
     if (b.first_layer < 0 || b.first_layer + b.shape.layers > cb.config().layers) continue;
-    total += int64_t(std::max(0, b.shape.tokens - b.sinks)) * pre.Codes(b.first_layer, b.shape.layers);
+    total +=
+        int64_t(std::max(0, b.shape.tokens - b.sinks)) * pre.Codes(b.first_layer, b.shape.layers);
   }
   StreamScratch scratch(stream);
   VQKV_ASSIGN_OR_RETURN(uint16_t * codes, scratch.Alloc<uint16_t>(size_t(total), "codes"));
@@ -301,8 +304,7 @@ absl::Status RvqDecode(const DeviceCodebook& cb, absl::Span<const DeviceRvqBody>
   int max_planes = 0;
   for (size_t b = 0; b < blocks.size(); ++b) {
     const DeviceRvqBody& in = blocks[b];
-    VQKV_RETURN_IF_ERROR(
-        CheckBlockShape(cfg, in.shape, in.sinks, in.first_layer, b, "rvq decode"));
+    VQKV_RETURN_IF_ERROR(CheckBlockShape(cfg, in.shape, in.sinks, in.first_layer, b, "rvq decode"));
     const int t1 = in.shape.tokens - in.sinks;
     if (t1 > 0 && (in.body == nullptr || !Aligned(in.body, 4))) {
       return absl::InvalidArgumentError(
@@ -346,7 +348,8 @@ absl::Status RvqDecode(const DeviceCodebook& cb, absl::Span<const DeviceRvqBody>
     }
   }
   int64_t max_rows = 0;
-  for (int lc = 0; lc < 2 * L; ++lc) max_rows = std::max(max_rows, row_prefix[lc * nb1 + blocks.size()]);
+  for (int lc = 0; lc < 2 * L; ++lc)
+    max_rows = std::max(max_rows, row_prefix[lc * nb1 + blocks.size()]);
   StreamScratch scratch(stream);
   KvOutLayout out;
   out.kind = layout.kind;
@@ -379,7 +382,8 @@ absl::Status RvqDecode(const DeviceCodebook& cb, absl::Span<const DeviceRvqBody>
   VQKV_CUDA_RETURN_IF_ERROR(LaunchRvqDecode(p, max_rows, stream), "rvq decode kernel");
   if (max_planes > 0) {
     // Sink rows are not 16-byte vectors in general, so this kernel needs element alignment only.
-    for (size_t b = 0; b < blocks.size(); ++b) sb[b].pad = static_cast<int32_t>(blocks[b].sink_dtype);
+    for (size_t b = 0; b < blocks.size(); ++b)
+      sb[b].pad = static_cast<int32_t>(blocks[b].sink_dtype);
     // One launch per sink dtype.
     for (int dt = 0; dt < 3; ++dt) {
       std::vector<KvScatterBlock> part = sb;

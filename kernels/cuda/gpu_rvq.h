@@ -43,23 +43,23 @@ struct DeviceRvqBody {
   const void* sink_data = nullptr;  // optional [layers, 2, sinks, heads, dim] of sink_dtype,
                                     // written to the output's sink tokens when set
   DType sink_dtype = DType::kF16;
-  void* out = nullptr;     // kContiguous: [layers, 2, tokens, heads, dim], 16-byte aligned
-  int32_t block_id = 0;    // kVllm / kTrtllm: destination page
-  int64_t slot_base = 0;   // kSglang: index into KvLayout::slots of the block's token 0
-  int first_layer = 0;     // model layer of the block's layer 0 (paged layouts index by it)
+  void* out = nullptr;    // kContiguous: [layers, 2, tokens, heads, dim], 16-byte aligned
+  int32_t block_id = 0;   // kVllm / kTrtllm: destination page
+  int64_t slot_base = 0;  // kSglang: index into KvLayout::slots of the block's token 0
+  int first_layer = 0;    // model layer of the block's layer 0 (paged layouts index by it)
 };
 
 // Where decoded tokens go (all pointers are device pointers, 16-byte aligned).
 struct KvLayout {
   KvLayoutKind kind = KvLayoutKind::kContiguous;
-  DType dtype = DType::kF16;        // f16, bf16 or f32
-  std::vector<void*> layer_ptrs;    // kVllm: (2, pages, page_tokens, heads, dim) per layer;
-                                    // kSglang: K buffer [slots, heads, dim] per layer
-  std::vector<void*> layer_ptrs2;   // kSglang: V buffer per layer
-  void* pool = nullptr;             // kTrtllm: [pages, layers, 2, heads, page_tokens, dim]
-  const int64_t* slots = nullptr;   // kSglang: slot of each token (device array)
-  int32_t num_pages = 0;            // kVllm / kTrtllm
-  int32_t page_tokens = 0;          // kVllm / kTrtllm (>= every block's tokens)
+  DType dtype = DType::kF16;       // f16, bf16 or f32
+  std::vector<void*> layer_ptrs;   // kVllm: (2, pages, page_tokens, heads, dim) per layer;
+                                   // kSglang: K buffer [slots, heads, dim] per layer
+  std::vector<void*> layer_ptrs2;  // kSglang: V buffer per layer
+  void* pool = nullptr;            // kTrtllm: [pages, layers, 2, heads, page_tokens, dim]
+  const int64_t* slots = nullptr;  // kSglang: slot of each token (device array)
+  int32_t num_pages = 0;           // kVllm / kTrtllm
+  int32_t page_tokens = 0;         // kVllm / kTrtllm (>= every block's tokens)
 };
 
 struct GpuRvqOptions {
@@ -71,6 +71,8 @@ struct GpuRvqOptions {
   bool fp16_decode_tables = true;
   // Encode: check the inputs for NaN/Inf (InvalidArgument), which costs one stream sync.
   bool check_finite = true;
+  // Encode tile configuration (benchmarks compare them; 0 is the measured best).
+  int encode_variant = 0;
 };
 
 // Codes per non-sink token of model layers [first_layer, first_layer + layers) (K and V, heads,
@@ -79,8 +81,8 @@ int64_t RvqCodesPerToken(const RvqConfig& cfg, int first_layer, int layers);
 int64_t RvqBodyBytes(const RvqConfig& cfg, const KvShape& shape, int sinks, int first_layer);
 
 // Encodes blocks into uint16 codes: block b's codes start at codes + sum over earlier blocks of
-// (tokens - sinks) * RvqCodesPerToken(their layers). InvalidArgument for shapes that do not match the
-// codebook, bad dtypes or null pointers (and, with check_finite, NaN/Inf inputs).
+// (tokens - sinks) * RvqCodesPerToken(their layers). InvalidArgument for shapes that do not match
+// the codebook, bad dtypes or null pointers (and, with check_finite, NaN/Inf inputs).
 absl::Status RvqEncodeCodes(const DeviceCodebook& cb, absl::Span<const DeviceKvBlock> blocks,
                             uint16_t* codes, cudaStream_t stream, const GpuRvqOptions& opts = {});
 

@@ -39,9 +39,8 @@ absl::Status Prepare(absl::Span<const DeviceScalarBlock> blocks, const ScalarSpe
       return absl::InvalidArgumentError(absl::StrCat("scalar: block ", b, " bad sinks"));
     }
     const bool has_codes = blk.shape.tokens > blk.sinks;
-    if (has_codes &&
-        (blk.body == nullptr || reinterpret_cast<uintptr_t>(blk.body) % 4 != 0 ||
-         (quantize ? blk.in == nullptr : blk.out == nullptr))) {
+    if (has_codes && (blk.body == nullptr || reinterpret_cast<uintptr_t>(blk.body) % 4 != 0 ||
+                      (quantize ? blk.in == nullptr : blk.out == nullptr))) {
       return absl::InvalidArgumentError(
           absl::StrCat("scalar: block ", b, " has a null pointer or an unaligned body"));
     }
@@ -77,8 +76,8 @@ absl::Status ScalarQuantize(absl::Span<const DeviceScalarBlock> blocks, DType in
   for (const DeviceScalarBlock& blk : blocks) {
     const int t1 = blk.shape.tokens - blk.sinks;
     if (t1 <= 0) continue;
-    const ScalarBodyLayout lay = ComputeScalarBodyLayout(
-        s0.layers, t1, s0.kv_heads, s0.head_dim, spec.bits, spec.group);
+    const ScalarBodyLayout lay =
+        ComputeScalarBodyLayout(s0.layers, t1, s0.kv_heads, s0.head_dim, spec.bits, spec.group);
     const int64_t from = lay.k_codes & ~int64_t{3};
     const int64_t to = (lay.bytes + 3) & ~int64_t{3};
     VQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(blk.body + from, 0, size_t(to - from), stream),

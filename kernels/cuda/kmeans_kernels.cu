@@ -45,6 +45,7 @@ __global__ void __launch_bounds__(kKmThreads) KmPlusPlusUpdateKernel(const KmPar
   double acc = 0;
   if (first < t.n_init) {
     const int64_t last = min(first + kPointsPerInitBlock, t.n_init);
+#pragma unroll 4
     for (int64_t i = first + warp; i < last; i += kKmThreads / 32) {
       const float* x = t.x + i * t.init_stride * D;
       float s = 0.f;
@@ -67,70 +68,89 @@ __global__ void __launch_bounds__(kKmThreads) KmPlusPlusUpdateKernel(const KmPar
   }
 }
 
+// Inclusive scan of one double per thread (Hillis-Steele in shared memory, fixed order).
+__device__ double BlockInclusiveScan(double v, double* buf) {
+  const int tid = threadIdx.x;
+  buf[tid] = v;
+  __syncthreads();
+  for (int o = 1; o < kKmThreads; o <<= 1) {
+    const double add = tid >= o ? buf[tid - o] : 0.0;
+    __syncthreads();
+    buf[tid] += add;
+    __syncthreads();
+  }
+  return buf[tid];
+}
+
+// Draws the next k-means++ point: the first one whose running d2 sum reaches U_j * total (the
+// CPU's rule), found with two block scans (over per-CTA sums, then over the chosen CTA's points).
 __global__ void __launch_bounds__(kKmThreads) KmPlusPlusSelectKernel(const KmParams p, int j) {
   const KmTable t = p.tables[blockIdx.x];
   const int tid = threadIdx.x;
   const int nblk = static_cast<int>(InitBlocks(t.n_init));
+  __shared__ double buf[kKmThreads];
   __shared__ double s_u;
   __shared__ int s_blk;
-  __shared__ double part[kKmThreads];
   __shared__ int64_t s_pick;
+  // Level 1: thread tid owns blocks [b0, b1).
+  const int per = (nblk + kKmThreads - 1) / kKmThreads;
+  const int b0 = min(nblk, tid * per), b1 = min(nblk, b0 + per);
+  double local = 0;
+  for (int b = b0; b < b1; ++b) local += t.block_sums[b];
+  const double incl = BlockInclusiveScan(local, buf);
+  const double excl = tid > 0 ? buf[tid - 1] : 0.0;  // contiguous intervals: one owner
+  const double total = buf[kKmThreads - 1];
+  const double u = t.uniforms[j] * total;
   if (tid == 0) {
-    double total = 0;
-    for (int b = 0; b < nblk; ++b) total += t.block_sums[b];
-    const double uni = t.uniforms[j];
-    int blk = -1;
-    double u = uni * total;
-    if (total > 0) {
-      for (int b = 0; b < nblk; ++b) {
-        if (u - t.block_sums[b] <= 0) {
-          blk = b;
-          break;
-        }
-        u -= t.block_sums[b];
-      }
-      if (blk < 0) {  // rounding left u above zero: the CPU then takes the last point
-        blk = nblk - 1;
-        u = 1e300;
-      }
+    s_blk = -1;
+    s_pick = -1;
+    if (!(total > 0)) {
+      // Degenerate (all points coincide with centres): a uniform pick.
+      const int64_t f = static_cast<int64_t>(t.uniforms[j] * double(t.n_init));
+      s_pick = f < t.n_init - 1 ? f : t.n_init - 1;
+    } else if (u <= 0) {
+      s_pick = 0;
+    } else if (u > total) {
+      s_blk = nblk - 1;  // rounding: the CPU then ends on the last point
+      s_u = 1e300;
     }
-    s_u = u;
+  }
+  __syncthreads();
+  if (total > 0 && u > 0 && u <= total && u > excl && u <= incl) {
+    double acc = excl;
+    int blk = b1 - 1;
+    for (int b = b0; b < b1; ++b) {
+      if (u <= acc + t.block_sums[b]) {
+        blk = b;
+        break;
+      }
+      acc += t.block_sums[b];
+    }
     s_blk = blk;
-    const int64_t fallback = static_cast<int64_t>(uni * double(t.n_init));
-    s_pick = blk < 0 ? (fallback < t.n_init - 1 ? fallback : t.n_init - 1) : -1;
+    s_u = u - acc;
   }
   __syncthreads();
   if (s_blk >= 0) {
-    // Scan the chosen block's points: 4 consecutive per thread.
+    // Level 2: the chosen CTA's points, 4 consecutive per thread.
     const int64_t first = int64_t(s_blk) * kPointsPerInitBlock;
     const int64_t last = min(first + kPointsPerInitBlock, t.n_init);
-    const int64_t mine = first + int64_t(tid) * 4;
-    double local = 0;
-    for (int64_t i = mine; i < min(mine + 4, last); ++i) local += t.d2[i];
-    part[tid] = local;
-    __syncthreads();
-    if (tid == 0) {
-      // Sequential over 256 partial sums keeps the order fixed.
-      double u = s_u;
-      int owner = kKmThreads - 1;
-      for (int k = 0; k < kKmThreads; ++k) {
-        if (u - part[k] <= 0) {
-          owner = k;
-          break;
-        }
-        u -= part[k];
-      }
-      int64_t pick = -1;
-      const int64_t b0 = first + int64_t(owner) * 4;
-      for (int64_t i = b0; i < min(b0 + 4, last); ++i) {
-        u -= t.d2[i];
-        if (u <= 0) {
+    const int64_t i0 = min(first + int64_t(tid) * 4, last), i1 = min(i0 + 4, last);
+    double sum = 0;
+    for (int64_t i = i0; i < i1; ++i) sum += t.d2[i];
+    const double inc = BlockInclusiveScan(sum, buf);
+    const double exc = tid > 0 ? buf[tid - 1] : 0.0;
+    const double ur = s_u;
+    if (tid == 0 && ur > buf[kKmThreads - 1]) s_pick = last - 1;
+    if (i0 < i1 && ur > exc && ur <= inc) {
+      double acc = exc;
+      int64_t pick = i1 - 1;
+      for (int64_t i = i0; i < i1; ++i) {
+        acc += t.d2[i];
+        if (ur <= acc) {
           pick = i;
           break;
         }
       }
-      if (pick < 0) pick = min(b0 + 3, last - 1);
-      if (pick < first) pick = last - 1;
       s_pick = pick;
     }
   }
@@ -148,7 +168,8 @@ __global__ void KmGatherKernel(const KmParams p, const int64_t* picks) {
   const KmTable t = p.tables[blockIdx.y];
   const int j = blockIdx.x;
   const float* src = t.x + picks[int64_t(blockIdx.y) * p.k + j] * p.dim;
-  for (int d = threadIdx.x; d < p.dim; d += blockDim.x) t.centroids[int64_t(j) * p.dim + d] = src[d];
+  for (int d = threadIdx.x; d < p.dim; d += blockDim.x)
+    t.centroids[int64_t(j) * p.dim + d] = src[d];
 }
 
 __global__ void __launch_bounds__(kKmThreads) KmMaxAbsKernel(const KmParams p) {

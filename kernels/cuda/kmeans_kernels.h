@@ -12,19 +12,19 @@
 namespace vqkv::kernels::cuda {
 
 struct KmTable {
-  const float* x = nullptr;         // [n, D] points (this stage's residuals)
-  float* centroids = nullptr;       // [k, D]
-  float* dist = nullptr;            // [n] squared distance to the assigned centroid
+  const float* x = nullptr;          // [n, D] points (this stage's residuals)
+  float* centroids = nullptr;        // [k, D]
+  float* dist = nullptr;             // [n] squared distance to the assigned centroid
   const uint16_t* assign = nullptr;  // [n] assigned centroid
   // k-means++ seeding over the points i * init_stride, i < n_init
-  float* d2 = nullptr;              // [n_init]
-  double* block_sums = nullptr;     // [KmInitBlocks(n_init)]
-  const double* uniforms = nullptr; // [k] U_j in [0, 1): the CPU's draws; u = U_j * total
-  int64_t* pick = nullptr;          // [1] current pick, an index < n_init
+  float* d2 = nullptr;               // [n_init]
+  double* block_sums = nullptr;      // [KmInitBlocks(n_init)]
+  const double* uniforms = nullptr;  // [k] U_j in [0, 1): the CPU's draws; u = U_j * total
+  int64_t* pick = nullptr;           // [1] current pick, an index < n_init
   // Lloyd update, fixed point so that the sums do not depend on the order of the atomics
-  long long* sums = nullptr;        // [k, D]
-  long long* counts = nullptr;      // [k]
-  int32_t* max_bits = nullptr;      // [1] bit pattern of max |x| (float >= 0 compares as int)
+  long long* sums = nullptr;    // [k, D]
+  long long* counts = nullptr;  // [k]
+  int32_t* max_bits = nullptr;  // [1] bit pattern of max |x| (float >= 0 compares as int)
   int64_t n = 0, n_init = 0, init_stride = 1;
 };
 

@@ -21,9 +21,8 @@ __device__ __forceinline__ int ElemSize(ElemType t) { return t == ElemType::kF32
 
 // Pointer to element 0 of row (l, c, t, h) of block `blk` in the output layout.
 // l: layer inside the block (contiguous layout); ml: model layer (paged layouts).
-__device__ __forceinline__ char* OutRow(const KvOutLayout& L, const RvqDecodeBlock& blk,
-                                        int layers, int heads, int dim, int l, int ml, int c,
-                                        int t, int h) {
+__device__ __forceinline__ char* OutRow(const KvOutLayout& L, const RvqDecodeBlock& blk, int layers,
+                                        int heads, int dim, int l, int ml, int c, int t, int h) {
   const int64_t es = ElemSize(L.type);
   int64_t e = 0;
   char* base = nullptr;
@@ -124,9 +123,9 @@ __global__ void __launch_bounds__(kDecodeThreads) RvqDecodeKernel(const RvqDecod
   const int h = static_cast<int>(local - int64_t(tt) * p.heads);
   const RvqDeviceTable tab = p.tables[p.per_head ? lc * p.heads + h : lc];
   const int stages = tab.stages, bits = tab.bits;
-  const int64_t bit0 = int64_t(blk.tokens - blk.sinks) *
-                           (p.seg_bits[lc] - p.seg_bits[2 * blk.first_layer]) +
-                       local * stages * bits;
+  const int64_t bit0 =
+      int64_t(blk.tokens - blk.sinks) * (p.seg_bits[lc] - p.seg_bits[2 * blk.first_layer]) +
+      local * stages * bits;
 
   float acc[kCh][kVec];
 #pragma unroll
@@ -136,7 +135,8 @@ __global__ void __launch_bounds__(kDecodeThreads) RvqDecodeKernel(const RvqDecod
   }
   for (int m = 0; m < stages; m += kLpv) {
     const int i = m + li;
-    const uint32_t mine = (active && i < stages) ? ReadBits(blk.body, bit0 + int64_t(i) * bits, bits) : 0u;
+    const uint32_t mine =
+        (active && i < stages) ? ReadBits(blk.body, bit0 + int64_t(i) * bits, bits) : 0u;
     const int cnt = min(kLpv, stages - m);
 #pragma unroll 8
     for (int k = 0; k < cnt; ++k) {
@@ -178,8 +178,8 @@ __global__ void __launch_bounds__(kDecodeThreads) RvqDecodeKernel(const RvqDecod
     }
   }
   if (!active) return;
-  char* out = OutRow(p.out, blk, p.layers, p.heads, D, ml - blk.first_layer, ml, c,
-                     blk.sinks + tt, h);
+  char* out =
+      OutRow(p.out, blk, p.layers, p.heads, D, ml - blk.first_layer, ml, c, blk.sinks + tt, h);
   const int es = ElemSize(p.out.type);
 #pragma unroll
   for (int ch = 0; ch < kCh; ++ch) {
@@ -204,11 +204,11 @@ __global__ void __launch_bounds__(kDecodeThreads) RvqDecodeGenericKernel(const R
   const int tt = static_cast<int>(local / p.heads);
   const int h = static_cast<int>(local - int64_t(tt) * p.heads);
   const RvqDeviceTable tab = p.tables[p.per_head ? lc * p.heads + h : lc];
-  const int64_t bit0 = int64_t(blk.tokens - blk.sinks) *
-                           (p.seg_bits[lc] - p.seg_bits[2 * blk.first_layer]) +
-                       local * tab.stages * tab.bits;
-  char* out = OutRow(p.out, blk, p.layers, p.heads, D, ml - blk.first_layer, ml, c,
-                     blk.sinks + tt, h);
+  const int64_t bit0 =
+      int64_t(blk.tokens - blk.sinks) * (p.seg_bits[lc] - p.seg_bits[2 * blk.first_layer]) +
+      local * tab.stages * tab.bits;
+  char* out =
+      OutRow(p.out, blk, p.layers, p.heads, D, ml - blk.first_layer, ml, c, blk.sinks + tt, h);
   for (int d0 = 0; d0 < D; d0 += 32) {
     const int d = d0 + lane;
     float acc = 0.f;

@@ -9,14 +9,16 @@
 //   fp16 A fragments (scale * residual) stay in registers for the whole stage. mma.sync
 //   m16n8k16 starts from cinit, so the accumulator is the score r.c - |c|^2/2 (argmax = nearest).
 //   Each score has its column index written into its low mantissa bits, so fmaxf keeps
-//   (score, index) pairs together: a running top-2 costs three min/max per score.
+//   (score, index) pairs together: a running maximum costs one min/max per score (a top-2,
+//   kept by some variants, three).
 //   After a stage's last chunk the two best candidates of each row are rescored in fp32 against
 //   cb32 exactly as the CPU reference does (||c||^2 - 2 r.c, ties to the lower index), the
 //   residual is updated in fp32 and the code written. fp16 only decides which two candidates
 //   are rescored, so the GPU and CPU codes differ only where the CPU's best codeword was not
-//   among the GPU's two best approximate scores (a near-tie at fp16 precision) or where two
-//   exact fp32 distances differ by rounding.
+//   among the GPU's candidates (a near-tie at fp16 precision) or where two exact fp32 distances
+//   differ by rounding.
 #include <cfloat>
+#include <type_traits>
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/rvq_kernels.h"
@@ -33,24 +35,37 @@ using detail::Mma16816;
 using detail::PackHalf2;
 using detail::WarpSum;
 
-template <int D>
+// Tile configuration: MT m16 tiles per warp, WM x WN warps, NTP n8 tiles in flight per warp,
+// NBUF codeword chunks buffered, MINB CTAs per SM, TOP2: each lane keeps its two best scores per
+// row (else its best one; the candidates rescored exactly are then the best two of the lanes'
+// winners, so a codeword can only be missed when another codeword of the same lane's column
+// class scores higher at fp16 precision as well).
+template <int D, int MT_, int WM_, int WN_, int NTP_, int NBUF_, int MINB_, bool TOP2_>
 struct Cfg {
-  static constexpr int kMT = D <= 128 ? 4 : 2;  // m16 tiles per warp (A fragments: MT*D/4 regs)
-  static constexpr int kWM = 4;                 // warps along rows
-  static constexpr int kWN = 2;                 // warps along a chunk's columns
-  static constexpr int kBM = kWM * kMT * 16;    // rows per tile
-  static constexpr int kBN = kRvqChunk;         // codewords per chunk
-  static constexpr int kNBUF = D <= 128 ? 3 : 2;
+  static constexpr int kD = D;
+  static constexpr int kMT = MT_;
+  static constexpr int kWM = WM_;
+  static constexpr int kWN = WN_;
+  static constexpr int kNTP = NTP_;
+  static constexpr bool kTop2 = TOP2_;
+  static constexpr int kBM = kWM * kMT * 16;  // rows per tile
+  static constexpr int kBN = kRvqChunk;       // codewords per chunk
+  static constexpr int kNBUF = NBUF_;
+  static constexpr int kMinBlocks = MINB_;
   static constexpr int kThreads = kWM * kWN * 32;
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kKS = D / 16;              // k16 steps
-  static constexpr int kNT = kBN / kWN / 8;       // n8 tiles per warp per chunk
-  static constexpr int kRS = D + 8;               // floats per residual row (bank spread)
-  static constexpr int kCS = D + 8;               // halves per codeword row (ldmatrix conflict-free)
-  static constexpr int kEPL = D / 32;             // elements per lane in the rescore phase
-  static constexpr int kR = 4;                    // rows rescored together per warp
+  static constexpr int kKS = D / 16;           // k16 steps
+  static constexpr int kNT = kBN / kWN / 8;    // n8 tiles per warp per chunk
+  static constexpr int kRS = D + 8;            // floats per residual row (bank spread)
+  static constexpr int kCS = D + 8;            // halves per codeword row (ldmatrix conflict-free)
+  static constexpr bool kVec4 = D % 128 == 0;  // rescore with float4 per lane
+  static constexpr int kEPL = kVec4 ? D / 128 : D / 32;  // float4s or floats per lane
+  static constexpr int kR = MINB_ > 1 ? 2 : 4;           // rows rescored together per warp
+  static constexpr int kIters = kBM / (kWarps * kR);     // rescore iterations per warp
   static_assert(D % 32 == 0 && kKS % 2 == 0, "head_dim must be a multiple of 32");
-
+  static_assert(kNT % kNTP == 0, "n tiles per warp must be a multiple of NTP");
+  static_assert(kThreads >= kBM, "one thread per row in the row map");
+  static_assert(kBM % (kWarps * kR) == 0, "rescore rows must divide evenly");
   static constexpr size_t kResBytes = size_t(kBM) * kRS * 4;
   static constexpr size_t kCbufBytes = size_t(kNBUF) * kBN * kCS * 2;
   static constexpr size_t kCiBytes = size_t(kNBUF) * kBN * 4;
@@ -58,6 +73,22 @@ struct Cfg {
   static constexpr size_t kRowBytes = size_t(kBM) * (8 + 8);  // code base + (segment, row)
   static constexpr size_t kSmem = kResBytes + kCbufBytes + kCiBytes + kCandBytes + kRowBytes;
 };
+
+// Variant 0 (default, see docs/gpu.md for the measurements): 128-row tiles, 2 CTAs per SM (one
+// CTA's rescore overlaps the other's MMAs), two n8 tiles in flight, top-1 per lane.
+// head_dim 256 needs 128 registers of A fragments for 32 rows: one CTA per SM there.
+template <int D>
+using Cfg0 = std::conditional_t<(D <= 128), Cfg<D, 2, 4, 2, 2, 2, 2, false>,
+                                Cfg<D, 2, 4, 2, 1, 2, 1, false>>;
+// Variant 1: as 0 with top-2 per lane (more candidates, 2 more min/max per score).
+template <int D>
+using Cfg1 = Cfg<D, 2, 4, 2, 2, 2, 2, true>;
+// Variant 2: 256-row tiles (A fragments of 64 rows per warp), 1 CTA per SM, top-2 per lane.
+template <int D>
+using Cfg2 = Cfg<D, (D <= 128 ? 4 : 2), 4, 2, 1, (D <= 128 ? 3 : 2), 1, true>;
+// Variant 3: as 2 with top-1 per lane.
+template <int D>
+using Cfg3 = Cfg<D, (D <= 128 ? 4 : 2), 4, 2, 1, (D <= 128 ? 3 : 2), 1, false>;
 
 __device__ __forceinline__ void Top2(float& t1, float& t2, float v) {
   const float hi = fmaxf(t1, v);
@@ -75,9 +106,20 @@ __device__ __forceinline__ void Top2Merge(float& t1, float& t2, float o1, float 
 
 __device__ __forceinline__ float ClampHalf(float v) { return fminf(fmaxf(v, -65504.f), 65504.f); }
 
-template <int D>
-__global__ void __launch_bounds__(Cfg<D>::kThreads, 1) RvqEncodeTcKernel(const RvqEncodeParams p) {
-  using C = Cfg<D>;
+// d = a * b + c with c in separate registers (the score offsets), fp32 accumulation.
+__device__ __forceinline__ void Mma16816C(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1, float c0, float c1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%10, %11, %10, %11};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c0), "f"(c1));
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
+    RvqEncodeTcKernel(const RvqEncodeParams p) {
+  constexpr int D = C::kD;
   extern __shared__ __align__(16) unsigned char smem[];
   float* res = reinterpret_cast<float*>(smem);
   __half* cbuf = reinterpret_cast<__half*>(smem + C::kResBytes);
@@ -98,32 +140,37 @@ __global__ void __launch_bounds__(Cfg<D>::kThreads, 1) RvqEncodeTcKernel(const R
   const RvqTile tile = p.tiles[blockIdx.x];
   const RvqDeviceTable tab = p.tables[tile.table];
   const int cps = tab.size_pad / C::kBN;  // chunks per stage
-  const int total_chunks = tab.stages * cps;
   const uint32_t idx_mask = static_cast<uint32_t>(tab.size_pad - 1);
 
-  auto issue = [&](int chunk) {
-    if (chunk < total_chunks) {
-      const int buf = chunk % C::kNBUF;
-      const int s = chunk / cps;
-      const int col0 = (chunk - s * cps) * C::kBN;
-      const uint16_t* src = tab.cb16 + (int64_t(s) * tab.size_pad + col0) * D;
-      __half* dst = cbuf + buf * C::kBN * C::kCS;
+  // Chunks are issued in order; counters avoid a runtime division per chunk.
+  int iss_stage = 0, iss_col = 0, iss_buf = 0;
+  auto issue = [&]() {
+    if (iss_stage < tab.stages) {
+      const uint16_t* src = tab.cb16 + (int64_t(iss_stage) * tab.size_pad + iss_col) * D;
+      __half* dst = cbuf + iss_buf * C::kBN * C::kCS;
       constexpr int kVecPerRow = D / 8;
+#pragma unroll
       for (int i = tid; i < C::kBN * kVecPerRow; i += C::kThreads) {
         const int r = i / kVecPerRow, v = i - r * kVecPerRow;
         CpAsync16(dst + r * C::kCS + v * 8, src + int64_t(r) * D + v * 8);
       }
       if (tid < C::kBN / 4) {
-        CpAsync16(cibuf + buf * C::kBN + tid * 4,
-                  tab.cinit + int64_t(s) * tab.size_pad + col0 + tid * 4);
+        CpAsync16(cibuf + iss_buf * C::kBN + tid * 4,
+                  tab.cinit + int64_t(iss_stage) * tab.size_pad + iss_col + tid * 4);
       }
+      iss_col += C::kBN;
+      if (iss_col == tab.size_pad) {
+        iss_col = 0;
+        ++iss_stage;
+      }
+      iss_buf = iss_buf + 1 == C::kNBUF ? 0 : iss_buf + 1;
     }
     CpAsyncCommit();
   };
 
   // Codebook chunks start streaming while the rows are gathered.
 #pragma unroll
-  for (int i = 0; i < C::kNBUF - 1; ++i) issue(i);
+  for (int i = 0; i < C::kNBUF - 1; ++i) issue();
 
   // Map tile rows to (segment, row) and their code base.
   for (int i = tid; i < C::kBM; i += C::kThreads) {
@@ -199,53 +246,69 @@ __global__ void __launch_bounds__(Cfg<D>::kThreads, 1) RvqEncodeTcKernel(const R
   const int ld_row = lane & 7;
   const int ld_k = (lane >> 3) * 8;
 
-  for (int chunk = 0; chunk < total_chunks; ++chunk) {
+  int stage = 0, col0 = 0, buf = 0;
+  for (;;) {
     CpAsyncWait<C::kNBUF - 2>();
     __syncthreads();
-    issue(chunk + C::kNBUF - 1);
+    issue();
 
-    const int buf = chunk % C::kNBUF;
-    const int stage = chunk / cps;
-    const int col0 = (chunk - stage * cps) * C::kBN;
     const __half* bsm = cbuf + buf * C::kBN * C::kCS;
     const float* csm = cibuf + buf * C::kBN;
 
 #pragma unroll 1
-    for (int nt = 0; nt < C::kNT; ++nt) {
-      const int ncol = wn * (C::kBN / C::kWN) + nt * 8;
-      const float2 ci = *reinterpret_cast<const float2*>(csm + ncol + 2 * q);
-      float acc[C::kMT][4];
+    for (int nt0 = 0; nt0 < C::kNT; nt0 += C::kNTP) {
+      float acc[C::kNTP][C::kMT][4];
+      float2 ci[C::kNTP];
 #pragma unroll
-      for (int mt = 0; mt < C::kMT; ++mt) {
-        acc[mt][0] = ci.x;
-        acc[mt][1] = ci.y;
-        acc[mt][2] = ci.x;
-        acc[mt][3] = ci.y;
+      for (int u = 0; u < C::kNTP; ++u) {
+        const int ncol = wn * (C::kBN / C::kWN) + (nt0 + u) * 8;
+        ci[u] = *reinterpret_cast<const float2*>(csm + ncol + 2 * q);
       }
-      const __half* brow = bsm + (ncol + ld_row) * C::kCS + ld_k;
 #pragma unroll
       for (int kk = 0; kk < C::kKS / 2; ++kk) {
-        uint32_t b0, b1, b2, b3;
-        Ldmatrix4(b0, b1, b2, b3, brow + kk * 32);
 #pragma unroll
-        for (int mt = 0; mt < C::kMT; ++mt) {
-          Mma16816(acc[mt], a[mt][2 * kk], b0, b1);
-          Mma16816(acc[mt], a[mt][2 * kk + 1], b2, b3);
+        for (int u = 0; u < C::kNTP; ++u) {
+          const int ncol = wn * (C::kBN / C::kWN) + (nt0 + u) * 8;
+          uint32_t b0, b1, b2, b3;
+          Ldmatrix4(b0, b1, b2, b3, bsm + (ncol + ld_row) * C::kCS + ld_k + kk * 32);
+#pragma unroll
+          for (int mt = 0; mt < C::kMT; ++mt) {
+            if (kk == 0) {
+              Mma16816C(acc[u][mt], a[mt][0], b0, b1, ci[u].x, ci[u].y);
+            } else {
+              Mma16816(acc[u][mt], a[mt][2 * kk], b0, b1);
+            }
+            Mma16816(acc[u][mt], a[mt][2 * kk + 1], b2, b3);
+          }
         }
       }
-      const uint32_t j0 = static_cast<uint32_t>(col0 + ncol + 2 * q);
 #pragma unroll
-      for (int mt = 0; mt < C::kMT; ++mt) {
+      for (int u = 0; u < C::kNTP; ++u) {
+        const int ncol = wn * (C::kBN / C::kWN) + (nt0 + u) * 8;
+        // Index stored reversed (mask - j = mask ^ j): among equal scores >= 0 the lower index
+        // wins, as on the CPU (duplicate codewords, e.g. zeros against a zero residual).
+        const uint32_t j0 = static_cast<uint32_t>(col0 + ncol + 2 * q);
+        const uint32_t jx[2] = {j0 ^ idx_mask, (j0 + 1) ^ idx_mask};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float v =
-              __uint_as_float((__float_as_uint(acc[mt][e]) & ~idx_mask) | (j0 + (e & 1)));
-          Top2(t1[mt * 2 + (e >> 1)], t2[mt * 2 + (e >> 1)], v);
+        for (int mt = 0; mt < C::kMT; ++mt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float v =
+                __uint_as_float((__float_as_uint(acc[u][mt][e]) & ~idx_mask) | jx[e & 1]);
+            if constexpr (C::kTop2) {
+              Top2(t1[mt * 2 + (e >> 1)], t2[mt * 2 + (e >> 1)], v);
+            } else {
+              t1[mt * 2 + (e >> 1)] = fmaxf(t1[mt * 2 + (e >> 1)], v);
+            }
+          }
         }
       }
     }
 
-    if (chunk - stage * cps != cps - 1) continue;
+    buf = buf + 1 == C::kNBUF ? 0 : buf + 1;
+    col0 += C::kBN;
+    if (col0 < tab.size_pad) continue;
+    col0 = 0;
 
     // ---- end of a stage: gather candidates, rescore exactly, update residuals ----
 #pragma unroll
@@ -268,41 +331,59 @@ __global__ void __launch_bounds__(Cfg<D>::kThreads, 1) RvqEncodeTcKernel(const R
     const bool last = stage == tab.stages - 1;
     const float* cb32 = tab.cb32 + int64_t(stage) * tab.size * D;
     const float* norms = tab.norms + int64_t(stage) * tab.size;
-    for (int base = warp; base < tile.rows; base += C::kWarps * C::kR) {
-      float rv[C::kR][C::kEPL], c1[C::kR][C::kEPL], c2[C::kR][C::kEPL];
+    // A fixed trip count and no branch around the shuffles: the warp stays converged.
+#pragma unroll 1
+    for (int it = 0; it < C::kIters; ++it) {
+      const int base = warp + it * C::kWarps * C::kR;
+      using V = typename std::conditional<C::kVec4, float4, float>::type;
+      V rv[C::kR][C::kEPL], c1[C::kR][C::kEPL], c2[C::kR][C::kEPL];
       int j1[C::kR], j2[C::kR];
-      float p1[C::kR], p2[C::kR], pr[C::kR];
+      bool valid[C::kR], two[C::kR];
 #pragma unroll
       for (int r = 0; r < C::kR; ++r) {
         const int row = base + r * C::kWarps;
-        j1[r] = j2[r] = -1;
-        if (row < tile.rows) {
-          float a1 = cand[(row * C::kWN) * 2 + 0], a2 = cand[(row * C::kWN) * 2 + 1];
+        valid[r] = row < tile.rows;
+        float a1 = cand[(row * C::kWN) * 2 + 0], a2 = cand[(row * C::kWN) * 2 + 1];
 #pragma unroll
-          for (int w = 1; w < C::kWN; ++w) {
-            Top2Merge(a1, a2, cand[(row * C::kWN + w) * 2 + 0], cand[(row * C::kWN + w) * 2 + 1]);
-          }
-          j1[r] = static_cast<int>(__float_as_uint(a1) & idx_mask);
-          j2[r] = static_cast<int>(__float_as_uint(a2) & idx_mask);
-          if (j1[r] >= tab.size) j1[r] = 0;  // cannot happen for real scores; stay in bounds
-          if (j2[r] >= tab.size || j2[r] == j1[r]) j2[r] = -1;
-          const float* rr = res + row * C::kRS;
-          const float* cc1 = cb32 + int64_t(j1[r]) * D;
-          const float* cc2 = cb32 + int64_t(j2[r] < 0 ? j1[r] : j2[r]) * D;
+        for (int w = 1; w < C::kWN; ++w) {
+          Top2Merge(a1, a2, cand[(row * C::kWN + w) * 2 + 0], cand[(row * C::kWN + w) * 2 + 1]);
+        }
+        j1[r] = static_cast<int>((__float_as_uint(a1) & idx_mask) ^ idx_mask);
+        j2[r] = static_cast<int>((__float_as_uint(a2) & idx_mask) ^ idx_mask);
+        // Rows past the tile and impossible indices stay in bounds and are never stored.
+        if (!valid[r] || j1[r] >= tab.size) j1[r] = 0;
+        two[r] = valid[r] && j2[r] < tab.size && j2[r] != j1[r];
+        if (!two[r]) j2[r] = j1[r];
+        const V* rr = reinterpret_cast<const V*>(res + row * C::kRS);
+        const V* cc1 = reinterpret_cast<const V*>(cb32 + int64_t(j1[r]) * D);
+        const V* cc2 = reinterpret_cast<const V*>(cb32 + int64_t(j2[r]) * D);
 #pragma unroll
-          for (int e = 0; e < C::kEPL; ++e) {
-            rv[r][e] = rr[lane + 32 * e];
-            c1[r][e] = __ldg(cc1 + lane + 32 * e);
-            c2[r][e] = __ldg(cc2 + lane + 32 * e);
-          }
+        for (int e = 0; e < C::kEPL; ++e) {
+          rv[r][e] = rr[lane + 32 * e];
+          c1[r][e] = __ldg(cc1 + lane + 32 * e);
+          c2[r][e] = __ldg(cc2 + lane + 32 * e);
         }
       }
+      float p1[C::kR], p2[C::kR], pr[C::kR];
 #pragma unroll
       for (int r = 0; r < C::kR; ++r) {
         float s1 = 0.f, s2 = 0.f, sr = 0.f;
-        if (j1[r] >= 0) {
 #pragma unroll
-          for (int e = 0; e < C::kEPL; ++e) {
+        for (int e = 0; e < C::kEPL; ++e) {
+          if constexpr (C::kVec4) {
+            s1 = fmaf(rv[r][e].x, c1[r][e].x, s1);
+            s1 = fmaf(rv[r][e].y, c1[r][e].y, s1);
+            s1 = fmaf(rv[r][e].z, c1[r][e].z, s1);
+            s1 = fmaf(rv[r][e].w, c1[r][e].w, s1);
+            s2 = fmaf(rv[r][e].x, c2[r][e].x, s2);
+            s2 = fmaf(rv[r][e].y, c2[r][e].y, s2);
+            s2 = fmaf(rv[r][e].z, c2[r][e].z, s2);
+            s2 = fmaf(rv[r][e].w, c2[r][e].w, s2);
+            sr = fmaf(rv[r][e].x, rv[r][e].x, sr);
+            sr = fmaf(rv[r][e].y, rv[r][e].y, sr);
+            sr = fmaf(rv[r][e].z, rv[r][e].z, sr);
+            sr = fmaf(rv[r][e].w, rv[r][e].w, sr);
+          } else {
             s1 = fmaf(rv[r][e], c1[r][e], s1);
             s2 = fmaf(rv[r][e], c2[r][e], s2);
             sr = fmaf(rv[r][e], rv[r][e], sr);
@@ -315,39 +396,48 @@ __global__ void __launch_bounds__(Cfg<D>::kThreads, 1) RvqEncodeTcKernel(const R
 #pragma unroll
       for (int r = 0; r < C::kR; ++r) {
         const int row = base + r * C::kWarps;
-        if (row >= tile.rows) continue;
-        const float d1 = norms[j1[r]] - 2.f * p1[r];
-        bool take2 = false;
-        if (j2[r] >= 0) {
-          const float d2 = norms[j2[r]] - 2.f * p2[r];
-          take2 = d2 < d1 || (d2 == d1 && j2[r] < j1[r]);
-        }
+        const float n1 = norms[j1[r]];
+        const float n2 = norms[j2[r]];
+        const float d1 = n1 - 2.f * p1[r];
+        const float d2 = n2 - 2.f * p2[r];
+        const bool take2 = two[r] && (d2 < d1 || (d2 == d1 && j2[r] < j1[r]));
         const int j = take2 ? j2[r] : j1[r];
-        const float dbest = take2 ? norms[j2[r]] - 2.f * p2[r] : d1;
-        float* rr = res + row * C::kRS;
+        const float dbest = take2 ? d2 : d1;
+        if (valid[r]) {
+          V* rr = reinterpret_cast<V*>(res + row * C::kRS);
 #pragma unroll
-        for (int e = 0; e < C::kEPL; ++e) {
-          rv[r][e] -= take2 ? c2[r][e] : c1[r][e];
-          rr[lane + 32 * e] = rv[r][e];
-        }
-        if (lane == 0) p.codes[row_code[row] + stage] = static_cast<uint16_t>(j);
-        if (last) {
-          const RvqSegment& sg = p.segments[row_map[row].x];
-          if (sg.aux_offset >= 0) {
-            const int64_t aux = sg.aux_offset + row_map[row].y;
-            if (p.dist_out != nullptr && lane == 0) p.dist_out[aux] = fmaxf(0.f, dbest + pr[r]);
-            if (p.residual_out != nullptr) {
+          for (int e = 0; e < C::kEPL; ++e) {
+            const V c = take2 ? c2[r][e] : c1[r][e];
+            if constexpr (C::kVec4) {
+              rv[r][e].x -= c.x;
+              rv[r][e].y -= c.y;
+              rv[r][e].z -= c.z;
+              rv[r][e].w -= c.w;
+            } else {
+              rv[r][e] -= c;
+            }
+            rr[lane + 32 * e] = rv[r][e];
+          }
+          if (lane == 0) p.codes[row_code[row] + stage] = static_cast<uint16_t>(j);
+          if (last) {
+            const RvqSegment& sg = p.segments[row_map[row].x];
+            if (sg.aux_offset >= 0) {
+              const int64_t aux = sg.aux_offset + row_map[row].y;
+              if (p.dist_out != nullptr && lane == 0) p.dist_out[aux] = fmaxf(0.f, dbest + pr[r]);
+              if (p.residual_out != nullptr) {
+                V* ro = reinterpret_cast<V*>(p.residual_out + aux * D);
 #pragma unroll
-              for (int e = 0; e < C::kEPL; ++e) p.residual_out[aux * D + lane + 32 * e] = rv[r][e];
+                for (int e = 0; e < C::kEPL; ++e) ro[lane + 32 * e] = rv[r][e];
+              }
             }
           }
         }
       }
     }
     __syncthreads();
-    // Unconditional so that the compiler sees `a` dead during the rescore (no spills); after
-    // the last stage the rebuilt fragments are simply unused.
-    build_a(last ? stage : stage + 1);
+    if (last) break;
+    ++stage;
+    build_a(stage);
   }
   CpAsyncWait<0>();
 }
@@ -439,13 +529,12 @@ __global__ void __launch_bounds__(kExactThreads) RvqEncodeExactKernel(const RvqE
   }
 }
 
-template <int D>
+template <class C>
 cudaError_t LaunchTc(const RvqEncodeParams& p, cudaStream_t stream) {
-  using C = Cfg<D>;
-  cudaError_t e = cudaFuncSetAttribute(RvqEncodeTcKernel<D>,
+  cudaError_t e = cudaFuncSetAttribute(RvqEncodeTcKernel<C>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem));
   if (e != cudaSuccess) return e;
-  RvqEncodeTcKernel<D><<<p.num_tiles, C::kThreads, C::kSmem, stream>>>(p);
+  RvqEncodeTcKernel<C><<<p.num_tiles, C::kThreads, C::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -455,16 +544,27 @@ bool RvqEncodeHasTensorCorePath(int dim) {
   return dim == 64 || dim == 96 || dim == 128 || dim == 256;
 }
 
-int RvqEncodeTileRows(int dim) {
-  switch (dim) {
-    case 64:
-      return Cfg<64>::kBM;
-    case 96:
-      return Cfg<96>::kBM;
-    case 128:
-      return Cfg<128>::kBM;
-    case 256:
-      return Cfg<256>::kBM;
+bool RvqEncodeVariantSupported(int dim, int variant) {
+  return variant == 0 ? RvqEncodeHasTensorCorePath(dim) : (dim == 128 && variant <= 3);
+}
+
+int RvqEncodeTileRows(int dim, int variant) {
+  if (!RvqEncodeVariantSupported(dim, variant)) variant = 0;
+  switch (dim * 4 + variant) {
+    case 64 * 4:
+      return Cfg0<64>::kBM;
+    case 96 * 4:
+      return Cfg0<96>::kBM;
+    case 128 * 4:
+      return Cfg0<128>::kBM;
+    case 128 * 4 + 1:
+      return Cfg1<128>::kBM;
+    case 128 * 4 + 2:
+      return Cfg2<128>::kBM;
+    case 128 * 4 + 3:
+      return Cfg3<128>::kBM;
+    case 256 * 4:
+      return Cfg0<256>::kBM;
     default:
       return kExactTileRows;
   }
@@ -472,15 +572,22 @@ int RvqEncodeTileRows(int dim) {
 
 cudaError_t LaunchRvqEncode(const RvqEncodeParams& p, cudaStream_t stream) {
   if (p.num_tiles == 0) return cudaSuccess;
-  switch (p.dim) {
-    case 64:
-      return LaunchTc<64>(p, stream);
-    case 96:
-      return LaunchTc<96>(p, stream);
-    case 128:
-      return LaunchTc<128>(p, stream);
-    case 256:
-      return LaunchTc<256>(p, stream);
+  const int variant = RvqEncodeVariantSupported(p.dim, p.variant) ? p.variant : 0;
+  switch (p.dim * 4 + variant) {
+    case 64 * 4:
+      return LaunchTc<Cfg0<64>>(p, stream);
+    case 96 * 4:
+      return LaunchTc<Cfg0<96>>(p, stream);
+    case 128 * 4:
+      return LaunchTc<Cfg0<128>>(p, stream);
+    case 128 * 4 + 1:
+      return LaunchTc<Cfg1<128>>(p, stream);
+    case 128 * 4 + 2:
+      return LaunchTc<Cfg2<128>>(p, stream);
+    case 128 * 4 + 3:
+      return LaunchTc<Cfg3<128>>(p, stream);
+    case 256 * 4:
+      return LaunchTc<Cfg0<256>>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -70,12 +70,15 @@ struct RvqEncodeParams {
   float* residual_out = nullptr;  // optional [*, D]: residual after the last stage
   float* dist_out = nullptr;      // optional [*]: squared distance to the last stage's codeword
   int32_t* error_flag = nullptr;  // set to 1 when an input value is NaN or Inf
+  int32_t variant = 0;            // tile configuration (RvqEncodeVariantSupported)
 };
 
-// Rows per tile of the tensor-core kernel for head_dim `dim`; 0 when `dim` has no tensor-core
-// variant (then the exact fp32 kernel is used, with tiles of RvqEncodeTileRows(dim) rows too).
-int RvqEncodeTileRows(int dim);
+// Rows per tile of the tensor-core kernel for head_dim `dim` and tile variant (0: default; 1, 2:
+// alternatives for head_dim 128, see rvq_encode.cu); for head dims without a tensor-core kernel,
+// the exact kernel's tile size. Unsupported variants fall back to 0 everywhere.
+int RvqEncodeTileRows(int dim, int variant = 0);
 bool RvqEncodeHasTensorCorePath(int dim);
+bool RvqEncodeVariantSupported(int dim, int variant);
 // The tensor-core kernel (dim in {64, 96, 128, 256}); tables must have cb16/cinit/scale.
 cudaError_t LaunchRvqEncode(const RvqEncodeParams& p, cudaStream_t stream);
 // The exact fp32 kernel (any dim <= 1024; only cb32 and norms are used). Slow; a reference and
@@ -100,9 +103,9 @@ struct RvqPackParams {
   const RvqPackBlock* blocks = nullptr;
   const int64_t* word_prefix = nullptr;  // [num_blocks + 1] output words before each block
   int32_t num_blocks = 0;
-  const int64_t* seg_codes = nullptr;    // [2*layers + 1] model prefix of codes per token
-  const int64_t* seg_bits = nullptr;     // [2*layers + 1] model prefix of bits per token
-  const int32_t* seg_width = nullptr;    // [2*layers] bits per code
+  const int64_t* seg_codes = nullptr;  // [2*layers + 1] model prefix of codes per token
+  const int64_t* seg_bits = nullptr;   // [2*layers + 1] model prefix of bits per token
+  const int32_t* seg_width = nullptr;  // [2*layers] bits per code
 };
 cudaError_t LaunchRvqPack(const RvqPackParams& p, int64_t total_words, cudaStream_t stream);
 
@@ -110,10 +113,10 @@ cudaError_t LaunchRvqPack(const RvqPackParams& p, int64_t total_words, cudaStrea
 // Decode: x^ = sum_s C_s[z_s], written straight into the caller's layout.
 enum class KvLayoutKind : int32_t {
   kContiguous = 0,  // per block [layers, 2, tokens, heads, D] at blocks[b].out
-  kVllm = 1,        // per layer (2, num_pages, page_tokens, heads, D) at layer_ptrs[l]; page = block_id
-  kSglang = 2,      // per layer K [slots, heads, D] at layer_ptrs[l], V at layer_ptrs2[l];
-                    // token t of block b goes to slot slots[blocks[b].slot_base + t]
-  kTrtllm = 3,      // pool [num_pages, layers, 2, heads, page_tokens, D]; page = block_id
+  kVllm = 1,    // per layer (2, num_pages, page_tokens, heads, D) at layer_ptrs[l]; page = block_id
+  kSglang = 2,  // per layer K [slots, heads, D] at layer_ptrs[l], V at layer_ptrs2[l];
+                // token t of block b goes to slot slots[blocks[b].slot_base + t]
+  kTrtllm = 3,  // pool [num_pages, layers, 2, heads, page_tokens, D]; page = block_id
 };
 
 struct KvOutLayout {
@@ -148,7 +151,7 @@ struct RvqDecodeParams {
   int32_t num_blocks = 0;
   int32_t layers = 0, heads = 0, dim = 0;  // the model's (codebook's) layers
   bool per_head = false;
-  bool fp16_tables = true;  // gather from cb16 (half the bytes) instead of cb32
+  bool fp16_tables = true;            // gather from cb16 (half the bytes) instead of cb32
   const int64_t* seg_bits = nullptr;  // [2*layers + 1] model prefix of code bits per token
   KvOutLayout out;
 };

@@ -50,7 +50,11 @@ __global__ void __launch_bounds__(kPrepThreads)
     c16[i] = __float2half_rn(j < t.size ? sigma * cb[i] : 0.f);
   }
   for (int j = tid; j < t.size_pad; j += kPrepThreads) {
-    t.cinit[int64_t(s) * t.size_pad + j] = j < t.size ? -0.5f * sigma * sigma * norms[j] : -1e30f;
+    float ci = j < t.size ? -0.5f * sigma * sigma * norms[j] : -1e30f;
+    // +0, not -0, for zero codewords: their scores against a zero residual are then +0, where
+    // the encoder's reversed-index packing breaks ties toward the lower index as the CPU does.
+    if (ci == 0.f) ci = 0.f;
+    t.cinit[int64_t(s) * t.size_pad + j] = ci;
   }
 }
 

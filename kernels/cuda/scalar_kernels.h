@@ -65,7 +65,6 @@ struct ScalarParams {
 // The code regions of every body must be zero before quantize (partial words are OR-ed).
 // `max_tokens` = the largest block's non-sink token count.
 cudaError_t LaunchScalarQuantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t stream);
-cudaError_t LaunchScalarDequantize(const ScalarParams& p, int32_t max_tokens,
-                                   cudaStream_t stream);
+cudaError_t LaunchScalarDequantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t stream);
 
 }  // namespace vqkv::kernels::cuda

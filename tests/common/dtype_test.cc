@@ -19,7 +19,7 @@ TEST(DTypeTest, HalfRoundTripsEveryFiniteHalf) {
 }
 
 TEST(DTypeTest, HalfRoundsToNearestEven) {
-  EXPECT_EQ(HalfToFloat(FloatToHalf(1.0f + 1.0f / 2048)), 1.0f);            // tie -> even
+  EXPECT_EQ(HalfToFloat(FloatToHalf(1.0f + 1.0f / 2048)), 1.0f);                // tie -> even
   EXPECT_EQ(HalfToFloat(FloatToHalf(1.0f + 3.0f / 2048)), 1.0f + 2.0f / 1024);  // tie -> even (up)
   EXPECT_TRUE(std::isinf(HalfToFloat(FloatToHalf(1e6f))));
   EXPECT_EQ(HalfToFloat(FloatToHalf(6e-8f)), HalfToFloat(1));  // smallest subnormal

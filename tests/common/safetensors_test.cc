@@ -43,7 +43,8 @@ TEST(SafetensorsTest, RejectsDamage) {
   // Garbled JSON.
   std::string garbled = good;
   garbled[9] = '#';
-  EXPECT_EQ(SafetensorsFile::Parse(garbled, "t").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SafetensorsFile::Parse(garbled, "t").status().code(),
+            absl::StatusCode::kInvalidArgument);
   // Too short.
   EXPECT_EQ(SafetensorsFile::Parse("abc", "t").status().code(), absl::StatusCode::kInvalidArgument);
   // Shape disagreeing with the byte range.

@@ -42,7 +42,8 @@ class FidelityEvalTest : public ::testing::Test {
     delete eval_;
     delete ref_;
   }
-  static EvalRow Run(const std::string& spec_text, std::shared_ptr<const kernels::Codebook> cb = nullptr) {
+  static EvalRow Run(const std::string& spec_text,
+                     std::shared_ptr<const kernels::Codebook> cb = nullptr) {
     auto spec = kernels::ParseCodecSpec(spec_text);
     EXPECT_TRUE(spec.ok());
     spec->codebook = cb;

@@ -20,7 +20,8 @@ TEST(SamplesIoTest, SafetensorsRoundTrip) {
   s.v = {{-1, -2, -3, -4}, {-5, -6, -7, -8}};
   s.q = {std::vector<float>(8, 1.f), std::vector<float>(8, 2.f)};
   s.seq_lens = {1, 1};
-  const std::string path = ::testing::TempDir() + "/samples_" + std::to_string(getpid()) + ".safetensors";
+  const std::string path =
+      ::testing::TempDir() + "/samples_" + std::to_string(getpid()) + ".safetensors";
   ASSERT_TRUE(SaveSamples(s, path).ok());
   auto back = LoadSamples(path);
   ASSERT_TRUE(back.ok()) << back.status();

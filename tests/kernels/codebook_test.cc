@@ -24,7 +24,8 @@ Codebook Small() {
 
 TEST(CodebookTest, SafetensorsRoundTrip) {
   const Codebook cb = Small();
-  const std::string path = ::testing::TempDir() + "/cb_" + std::to_string(getpid()) + ".safetensors";
+  const std::string path =
+      ::testing::TempDir() + "/cb_" + std::to_string(getpid()) + ".safetensors";
   ASSERT_TRUE(cb.Save(path).ok());
   auto back = Codebook::Load(path);
   ASSERT_TRUE(back.ok()) << back.status();
@@ -56,7 +57,8 @@ TEST(CodebookTest, RejectsDamagedFiles) {
   st = Codebook::FromBytes(w.Serialize(), "other").status();
   EXPECT_NE(st.message().find("format"), absl::string_view::npos) << st;
   // Missing file.
-  EXPECT_EQ(Codebook::Load("/nonexistent.safetensors").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Codebook::Load("/nonexistent.safetensors").status().code(),
+            absl::StatusCode::kNotFound);
 }
 
 TEST(CodebookTest, ConfigValidation) {

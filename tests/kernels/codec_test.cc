@@ -49,9 +49,11 @@ TEST(CodecTest, SinkTokensStayLossless) {
   const auto x = RandomKv(s, 2);
   auto codec = Make("scalar-2:sinks=4");
   std::vector<std::string> out;
-  ASSERT_TRUE(codec->Encode({{s, DType::kF32, x.data(), 0}, {s, DType::kF32, x.data(), 2},
-                             {s, DType::kF32, x.data(), 40}},
-                            &out)
+  ASSERT_TRUE(codec
+                  ->Encode({{s, DType::kF32, x.data(), 0},
+                            {s, DType::kF32, x.data(), 2},
+                            {s, DType::kF32, x.data(), 40}},
+                           &out)
                   .ok());
   for (int b = 0; b < 3; ++b) {
     auto y = codec->DecodeToFloat(out[b]);
@@ -103,10 +105,14 @@ TEST(CodecTest, DetectsGarbageAndTruncation) {
   std::vector<float> y(s.elements());
   void* ptr = y.data();
   size_t bytes = y.size() * 4;
-  auto decode = [&](std::string_view p) { return codec->Decode({&p, 1}, DType::kF32, {&ptr, 1}, {&bytes, 1}); };
+  auto decode = [&](std::string_view p) {
+    return codec->Decode({&p, 1}, DType::kF32, {&ptr, 1}, {&bytes, 1});
+  };
   EXPECT_TRUE(decode(out[0]).ok());
-  EXPECT_EQ(decode(std::string_view(out[0]).substr(0, out[0].size() - 1)).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(decode("garbage bytes that are not a payload at all....").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(decode(std::string_view(out[0]).substr(0, out[0].size() - 1)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(decode("garbage bytes that are not a payload at all....").code(),
+            absl::StatusCode::kInvalidArgument);
   std::string bad_shape = out[0];
   const int32_t huge = 1 << 30;
   std::memcpy(bad_shape.data() + 12, &huge, 4);  // tokens
@@ -119,15 +125,20 @@ TEST(CodecTest, DetectsGarbageAndTruncation) {
   // Output buffer too small.
   size_t small = 8;
   std::string_view p = out[0];
-  EXPECT_EQ(codec->Decode({&p, 1}, DType::kF32, {&ptr, 1}, {&small, 1}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(codec->Decode({&p, 1}, DType::kF32, {&ptr, 1}, {&small, 1}).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(CodecTest, RegistryAndSpecParsing) {
   EXPECT_EQ(ParseCodecSpec("bogus").ok(), true);  // name checked at creation
-  EXPECT_EQ(CreateCodec(*ParseCodecSpec("bogus")).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ParseCodecSpec("scalar-2:colour=3").status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(CreateCodec(*ParseCodecSpec("scalar:bits=3")).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(CreateCodec(*ParseCodecSpec("rvq")).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(CreateCodec(*ParseCodecSpec("bogus")).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseCodecSpec("scalar-2:colour=3").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CreateCodec(*ParseCodecSpec("scalar:bits=3")).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CreateCodec(*ParseCodecSpec("rvq")).status().code(),
+            absl::StatusCode::kFailedPrecondition);
   auto spec = ParseCodecSpec("scalar-4:group=64,sinks=0");
   ASSERT_TRUE(spec.ok());
   EXPECT_EQ(spec->scalar_bits, 4);

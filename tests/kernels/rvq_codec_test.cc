@@ -33,7 +33,8 @@ std::shared_ptr<const Codebook> Fit(const KvShape& s, const std::vector<float>& 
 }
 
 std::vector<float> RoundTrip(std::shared_ptr<const Codebook> cb, const KvShape& s,
-                             const std::vector<float>& x, int beam = 1, std::string* payload = nullptr) {
+                             const std::vector<float>& x, int beam = 1,
+                             std::string* payload = nullptr) {
   CodecSpec spec;
   spec.name = "rvq";
   spec.sink_tokens = 0;
@@ -80,7 +81,8 @@ TEST(RvqCodecTest, CodewordsAreRecoveredExactly) {
     for (int t = 0; t < s.tokens; ++t) {
       for (int h = 0; h < 2; ++h) {
         const int a = rng() % 4, b = rng() % 4;
-        for (int d = 0; d < 8; ++d) x[s.Offset(0, c, t, h) + d] = tables[c][a * 8 + d] + tables[c][32 + b * 8 + d];
+        for (int d = 0; d < 8; ++d)
+          x[s.Offset(0, c, t, h) + d] = tables[c][a * 8 + d] + tables[c][32 + b * 8 + d];
       }
     }
   }
@@ -155,7 +157,8 @@ TEST(RvqFitTest, SameSeedSameCodebook) {
   const KvShape s{1, 128, 2, 16};
   const auto x = testing::RandomKv(s, 17);
   EXPECT_EQ(Fit(s, x, {2, 32}, {1, 32})->id(), Fit(s, x, {2, 32}, {1, 32})->id());
-  EXPECT_NE(Fit(s, x, {2, 32}, {1, 32}, false, 1)->id(), Fit(s, x, {2, 32}, {1, 32}, false, 2)->id());
+  EXPECT_NE(Fit(s, x, {2, 32}, {1, 32}, false, 1)->id(),
+            Fit(s, x, {2, 32}, {1, 32}, false, 2)->id());
 }
 
 TEST(RvqFitTest, TruncationEqualsFittingFewerStages) {

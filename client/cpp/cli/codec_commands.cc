@@ -56,7 +56,8 @@ absl::Status Ratio(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t sinks, f.Int("sinks"));
   VQKV_ASSIGN_OR_RETURN(int64_t amortise, f.Int("amortise-tokens"));
   if (dim <= 0 || layers <= 0 || heads <= 0 || context < 0 || block <= 0) {
-    return absl::InvalidArgumentError("ratio: --head-dim, --layers, --kv-heads, --block-tokens must be positive");
+    return absl::InvalidArgumentError(
+        "ratio: --head-dim, --layers, --kv-heads, --block-tokens must be positive");
   }
   std::unique_ptr<kernels::Codec> codec;
   int64_t codebook_bytes = 0;
@@ -84,11 +85,12 @@ absl::Status Ratio(const Flags& f) {
     VQKV_ASSIGN_OR_RETURN(codec, kernels::CreateCodec(spec));
     codebook_bytes = cfg.CodebookBytes();
     const double kb = double(k.stages) * k.bits() / dim, vb = double(v.stages) * v.bits() / dim;
-    std::printf("setting: head_dim %lld, K %dx%d (%d-bit codes), V %dx%d (%d-bit codes)\n", (long long)dim, k.stages,
-                k.size, k.bits(), v.stages, v.size, v.bits());
+    std::printf("setting: head_dim %lld, K %dx%d (%d-bit codes), V %dx%d (%d-bit codes)\n",
+                (long long)dim, k.stages, k.size, k.bits(), v.stages, v.size, v.bits());
     std::printf("bits/element: K %.3f, V %.3f, average %.3f\n", kb, vb, (kb + vb) / 2);
     std::printf("codebook size: %s per layer, %s for %lld layers (fp32 tables)\n",
-                Bytes(codebook_bytes / layers).c_str(), Bytes(codebook_bytes).c_str(), (long long)layers);
+                Bytes(codebook_bytes / layers).c_str(), Bytes(codebook_bytes).c_str(),
+                (long long)layers);
   }
   kernels::RatioInputs in;
   in.layers = int(layers);
@@ -99,17 +101,24 @@ absl::Status Ratio(const Flags& f) {
   in.sink_tokens = int(sinks);
   in.amortise_tokens = amortise;
   const kernels::RatioReport r = kernels::ComputeRatio(*codec, in, codebook_bytes);
-  std::printf("codes-only ratio (paper's definition): %.1f%% (%.2f bits/element, %.2fx smaller than fp16)\n",
-              100 * r.codes_only_ratio, r.codes_bits_per_element, 16 / r.codes_bits_per_element);
+  std::printf(
+      "codes-only ratio (paper's definition): %.1f%% (%.2f bits/element, %.2fx smaller than "
+      "fp16)\n",
+      100 * r.codes_only_ratio, r.codes_bits_per_element, 16 / r.codes_bits_per_element);
   if (context > 0) {
-    std::printf("\nall-in, %lld layers x %lld KV heads, context %lld tokens in %lld-token blocks, %lld sink tokens fp16,\n"
-                "codebooks amortised over %lld tokens:\n",
-                (long long)layers, (long long)heads, (long long)context, (long long)block, (long long)sinks,
-                (long long)(amortise > 0 ? amortise : context));
+    std::printf(
+        "\nall-in, %lld layers x %lld KV heads, context %lld tokens in %lld-token blocks, %lld "
+        "sink tokens fp16,\n"
+        "codebooks amortised over %lld tokens:\n",
+        (long long)layers, (long long)heads, (long long)context, (long long)block, (long long)sinks,
+        (long long)(amortise > 0 ? amortise : context));
     std::printf("  fp16 KV:        %s\n", Bytes(r.baseline_bytes).c_str());
-    std::printf("  stored:         %s (%.3f bits/element)\n", Bytes(r.stored_bytes).c_str(), r.all_in_bits_per_element);
-    std::printf("  real ratio:     %.1f%% (%.2fx smaller)\n", 100 * r.real_ratio, 16 / r.all_in_bits_per_element);
-    std::printf("  same memory as fp16 holds %.2fx the tokens (codebooks counted once)\n", r.longer_context);
+    std::printf("  stored:         %s (%.3f bits/element)\n", Bytes(r.stored_bytes).c_str(),
+                r.all_in_bits_per_element);
+    std::printf("  real ratio:     %.1f%% (%.2fx smaller)\n", 100 * r.real_ratio,
+                16 / r.all_in_bits_per_element);
+    std::printf("  same memory as fp16 holds %.2fx the tokens (codebooks counted once)\n",
+                r.longer_context);
   }
   return absl::OkStatus();
 }
@@ -117,17 +126,19 @@ absl::Status Ratio(const Flags& f) {
 }  // namespace
 
 int RunRatio(int argc, char** argv) {
-  Flags f("ratio", "Compression ratio of a codec setting: the paper's codes-only figure and the real one.",
-          {{"head-dim", "128", "head dimension"},
-           {"k", "56x1024", "key stages x codebook size"},
-           {"v", "16x512", "value stages x codebook size"},
-           {"scalar", "", "instead of rvq, a scalar codec: scalar-2 or scalar-4[:group=N]"},
-           {"layers", "1", "model layers (for the all-in figures)"},
-           {"kv-heads", "1", "KV heads per layer"},
-           {"context", "0", "tokens per sequence; > 0 prints the all-in ratio"},
-           {"block-tokens", "256", "tokens per stored block (one header each)"},
-           {"sinks", "4", "leading tokens kept lossless (fp16)"},
-           {"amortise-tokens", "0", "tokens sharing one codebook (0: the context alone pays for it)"}});
+  Flags f(
+      "ratio",
+      "Compression ratio of a codec setting: the paper's codes-only figure and the real one.",
+      {{"head-dim", "128", "head dimension"},
+       {"k", "56x1024", "key stages x codebook size"},
+       {"v", "16x512", "value stages x codebook size"},
+       {"scalar", "", "instead of rvq, a scalar codec: scalar-2 or scalar-4[:group=N]"},
+       {"layers", "1", "model layers (for the all-in figures)"},
+       {"kv-heads", "1", "KV heads per layer"},
+       {"context", "0", "tokens per sequence; > 0 prints the all-in ratio"},
+       {"block-tokens", "256", "tokens per stored block (one header each)"},
+       {"sinks", "4", "leading tokens kept lossless (fp16)"},
+       {"amortise-tokens", "0", "tokens sharing one codebook (0: the context alone pays for it)"}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Ratio(f);
   return st.ok() ? 0 : Fail(st);
@@ -141,12 +152,14 @@ absl::Status Capture(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t max_seqs, f.Int("max-seqs"));
   const auto stories = SelectPart(m.stories, f.Str("part"));
   if (!stories.ok()) return stories.status();
-  const eval::Corpus corpus = eval::BuildCorpus(m.tokenizer, *stories, int(max_tokens), 40, int(max_seqs));
-  std::fprintf(stderr, "capturing K/V/Q of %zu sequences (%lld tokens)\n", corpus.seqs.size(), (long long)corpus.tokens());
+  const eval::Corpus corpus =
+      eval::BuildCorpus(m.tokenizer, *stories, int(max_tokens), 40, int(max_seqs));
+  std::fprintf(stderr, "capturing K/V/Q of %zu sequences (%lld tokens)\n", corpus.seqs.size(),
+               (long long)corpus.tokens());
   VQKV_ASSIGN_OR_RETURN(kernels::KvSamples s, eval::CaptureSamples(m.model, corpus));
   VQKV_RETURN_IF_ERROR(eval::SaveSamples(s, f.Str("out")));
-  std::printf("wrote %s: %d layers, %lld tokens, %d KV heads, head_dim %d, with queries\n", f.Str("out").c_str(),
-              s.layers, (long long)s.tokens(0), s.kv_heads, s.head_dim);
+  std::printf("wrote %s: %d layers, %lld tokens, %d KV heads, head_dim %d, with queries\n",
+              f.Str("out").c_str(), s.layers, (long long)s.tokens(0), s.kv_heads, s.head_dim);
   return absl::OkStatus();
 }
 
@@ -172,7 +185,8 @@ absl::StatusOr<kernels::FitOptions> FitOptionsFrom(const Flags& f, ProgressBar* 
   VQKV_ASSIGN_OR_RETURN(int64_t iters, f.Int("iters"));
   VQKV_ASSIGN_OR_RETURN(int64_t seed, f.Int("seed"));
   VQKV_ASSIGN_OR_RETURN(int64_t maxv, f.Int("max-vectors"));
-  if (iters < 0 || maxv < 1) return absl::InvalidArgumentError("fit: --iters >= 0 and --max-vectors >= 1");
+  if (iters < 0 || maxv < 1)
+    return absl::InvalidArgumentError("fit: --iters >= 0 and --max-vectors >= 1");
   o.iterations = int(iters);
   o.seed = uint64_t(seed);
   o.max_vectors = maxv;
@@ -206,7 +220,9 @@ absl::Status Fit(const Flags& f) {
     if (budget.bits_per_element <= 0 || budget.bits_per_element > 16) {
       return absl::InvalidArgumentError("fit: --bits must be in (0, 16]");
     }
-    if (s.q.empty()) return absl::InvalidArgumentError("fit --bits needs samples with queries (from `vqkv capture`)");
+    if (s.q.empty())
+      return absl::InvalidArgumentError(
+          "fit --bits needs samples with queries (from `vqkv capture`)");
     cfg = kernels::MaxStagesConfig(s.layers, s.kv_heads, s.head_dim, budget, per_head);
   } else {
     VQKV_ASSIGN_OR_RETURN(kernels::StageConfig k, kernels::ParseStageConfig(f.Str("k")));
@@ -214,7 +230,8 @@ absl::Status Fit(const Flags& f) {
     cfg = kernels::RvqConfig::Uniform(s.layers, s.kv_heads, s.head_dim, k, v, per_head);
   }
   int64_t steps = 0;
-  for (int l = 0; l < cfg.layers; ++l) steps += (cfg.k[l].stages + cfg.v[l].stages) * (per_head ? cfg.kv_heads : 1);
+  for (int l = 0; l < cfg.layers; ++l)
+    steps += (cfg.k[l].stages + cfg.v[l].stages) * (per_head ? cfg.kv_heads : 1);
   ProgressBar bar("fit", steps);
   VQKV_ASSIGN_OR_RETURN(kernels::FitOptions opts, FitOptionsFrom(f, &bar));
   VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::FitCodebook(cfg, s, opts));
@@ -225,34 +242,38 @@ absl::Status Fit(const Flags& f) {
     VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice, kernels::ChooseSplit(cb, s, budget));
     sbar.Finish();
     VQKV_ASSIGN_OR_RETURN(cb, kernels::TruncateCodebook(cb, choice.config));
-    std::printf("budget %.3f bits/element -> chosen split (%.3f bits/element codes):\n%s", budget.bits_per_element,
-                choice.config.BitsPerElement(), choice.table.c_str());
+    std::printf("budget %.3f bits/element -> chosen split (%.3f bits/element codes):\n%s",
+                budget.bits_per_element, choice.config.BitsPerElement(), choice.table.c_str());
   }
   VQKV_RETURN_IF_ERROR(cb.Save(f.Str("out")));
   std::printf("wrote %s: %s, %.3f bits/element (codes), codebook %s, id %s\n", f.Str("out").c_str(),
-              cb.config().ToString().c_str(), cb.config().BitsPerElement(), Bytes(cb.config().CodebookBytes()).c_str(),
-              cb.id().c_str());
+              cb.config().ToString().c_str(), cb.config().BitsPerElement(),
+              Bytes(cb.config().CodebookBytes()).c_str(), cb.id().c_str());
   return absl::OkStatus();
 }
 
 }  // namespace
 
 int RunFit(int argc, char** argv) {
-  Flags f("fit", "Fit rvq codebooks by residual k-means on K/V samples (.safetensors from `vqkv capture`, or .npy).",
-          {{"samples", "samples.safetensors", "K/V samples file"},
-           {"k", "7x1024", "key stages x codebook size"},
-           {"v", "2x512", "value stages x codebook size"},
-           {"bits", "", "instead of --k/--v: a code budget in bits/element; the split between K and V and across "
-                        "layers is chosen on the samples (needs queries)"},
-           {"k-size", "1024", "with --bits: key codebook size"},
-           {"v-size", "512", "with --bits: value codebook size"},
-           {"uniform-split", "", "with --bits: the same split on every layer", true},
-           {"per-head", "", "one codebook per KV head instead of one per layer", true},
-           {"iters", "10", "Lloyd iterations per stage"},
-           {"seed", "1", "random seed (same seed and samples: same codebook)"},
-           {"init", "kmeans++", "centroid initialisation: kmeans++ or sample"},
-           {"max-vectors", "131072", "subsample each table's training vectors to this many"},
-           {"out", "codebook.safetensors", "output codebook file"}});
+  Flags f(
+      "fit",
+      "Fit rvq codebooks by residual k-means on K/V samples (.safetensors from `vqkv capture`, or "
+      ".npy).",
+      {{"samples", "samples.safetensors", "K/V samples file"},
+       {"k", "7x1024", "key stages x codebook size"},
+       {"v", "2x512", "value stages x codebook size"},
+       {"bits", "",
+        "instead of --k/--v: a code budget in bits/element; the split between K and V and across "
+        "layers is chosen on the samples (needs queries)"},
+       {"k-size", "1024", "with --bits: key codebook size"},
+       {"v-size", "512", "with --bits: value codebook size"},
+       {"uniform-split", "", "with --bits: the same split on every layer", true},
+       {"per-head", "", "one codebook per KV head instead of one per layer", true},
+       {"iters", "10", "Lloyd iterations per stage"},
+       {"seed", "1", "random seed (same seed and samples: same codebook)"},
+       {"init", "kmeans++", "centroid initialisation: kmeans++ or sample"},
+       {"max-vectors", "131072", "subsample each table's training vectors to this many"},
+       {"out", "codebook.safetensors", "output codebook file"}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Fit(f);
   return st.ok() ? 0 : Fail(st);
@@ -267,7 +288,8 @@ absl::Status Eval(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t recent, f.Int("recent"));
   int64_t cb_bytes = 0;
   if (spec.name == "rvq") {
-    if (f.Str("codebook").empty()) return absl::InvalidArgumentError("eval: --codec rvq needs --codebook FILE");
+    if (f.Str("codebook").empty())
+      return absl::InvalidArgumentError("eval: --codec rvq needs --codebook FILE");
     VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::Codebook::Load(f.Str("codebook")));
     cb_bytes = cb.config().CodebookBytes();
     spec.codebook = std::make_shared<const kernels::Codebook>(std::move(cb));
@@ -276,21 +298,24 @@ absl::Status Eval(const Flags& f) {
   eval::EvalOptions eo;
   eo.sink_tokens = int(sinks);
   eo.recent_tokens = int(recent);
-  std::fprintf(stderr, "evaluating %s on %lld tokens x %d layers...\n", codec->Label().c_str(), (long long)s.tokens(0),
-               s.layers);
+  std::fprintf(stderr, "evaluating %s on %lld tokens x %d layers...\n", codec->Label().c_str(),
+               (long long)s.tokens(0), s.layers);
   VQKV_ASSIGN_OR_RETURN(eval::EvalRow r, eval::EvaluateOnSamples(s, *codec, cb_bytes, eo));
-  std::printf("codec %s on %lld tokens x %d layers (%.1f s)\n", codec->Label().c_str(), (long long)s.tokens(0), s.layers,
-              r.seconds);
-  std::printf("  bits/element (fp16 basis, headers + sinks, codebook amortised over %lld tokens): %.3f\n",
-              (long long)eo.amortise_tokens, r.bits_all_in);
-  std::printf("  K relative error %.5f (cosine %.5f)   V relative error %.5f (cosine %.5f)\n", r.k.rel_error,
-              r.k.cosine, r.v.rel_error, r.v.cosine);
+  std::printf("codec %s on %lld tokens x %d layers (%.1f s)\n", codec->Label().c_str(),
+              (long long)s.tokens(0), s.layers, r.seconds);
+  std::printf(
+      "  bits/element (fp16 basis, headers + sinks, codebook amortised over %lld tokens): %.3f\n",
+      (long long)eo.amortise_tokens, r.bits_all_in);
+  std::printf("  K relative error %.5f (cosine %.5f)   V relative error %.5f (cosine %.5f)\n",
+              r.k.rel_error, r.k.cosine, r.v.rel_error, r.v.cosine);
   if (!s.q.empty()) {
     const auto& a = r.attention;
-    std::printf("  attention (sinks %lld + recent %lld exact): logit err %.5f, output err %.5f, top-8 agree %.4f, "
-                "KL %.6f nats over %lld queries\n",
-                (long long)sinks, (long long)recent, a.logit_rel_error, a.output_rel_error, a.topk_agreement, a.kl,
-                (long long)a.queries);
+    std::printf(
+        "  attention (sinks %lld + recent %lld exact): logit err %.5f, output err %.5f, top-8 "
+        "agree %.4f, "
+        "KL %.6f nats over %lld queries\n",
+        (long long)sinks, (long long)recent, a.logit_rel_error, a.output_rel_error,
+        a.topk_agreement, a.kl, (long long)a.queries);
   } else {
     std::printf("  (samples carry no queries: attention metrics skipped)\n");
   }
@@ -300,7 +325,9 @@ absl::Status Eval(const Flags& f) {
 }  // namespace
 
 int RunEval(int argc, char** argv) {
-  Flags f("eval", "Fidelity of a codec on K/V samples: K/V error and, when the samples carry queries, attention metrics.",
+  Flags f("eval",
+          "Fidelity of a codec on K/V samples: K/V error and, when the samples carry queries, "
+          "attention metrics.",
           {{"samples", "samples.safetensors", "K/V samples file (.safetensors or .npy)"},
            {"codec", "rvq", "raw, scalar-2, scalar-4, rvq (with options, e.g. rvq:beam=4)"},
            {"codebook", "", "rvq codebook file"},

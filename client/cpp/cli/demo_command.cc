@@ -22,7 +22,9 @@ namespace vqkv::cli {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 // [layers, 2, tokens, heads, dim] fp16 block of tokens [t0, t0 + n) from a captured cache.
 std::string BlockFromCache(const model::KvCache& c, int t0, int n) {
@@ -59,8 +61,10 @@ absl::Status Demo(const Flags& f) {
   info.block_tokens = int32_t(block_tokens);
   info.codec = "rvq";
   VQKV_ASSIGN_OR_RETURN(v1::RegisterModelResponse reg, cl->RegisterModel(info));
-  std::printf("registered model %s: %d layers, %d KV heads, head_dim %d, fp16, %d-token blocks, codec %s\n",
-              info.model_id.c_str(), info.layers, info.kv_heads, info.head_dim, info.block_tokens, reg.codec().c_str());
+  std::printf(
+      "registered model %s: %d layers, %d KV heads, head_dim %d, fp16, %d-token blocks, codec %s\n",
+      info.model_id.c_str(), info.layers, info.kv_heads, info.head_dim, info.block_tokens,
+      reg.codec().c_str());
 
   // Calibration K/V from the first half of the text, fitted on the daemon.
   auto first = SelectPart(m.stories, "first-half");
@@ -75,7 +79,8 @@ absl::Status Demo(const Flags& f) {
     fo.capture_queries = false;
     VQKV_RETURN_IF_ERROR(m.model.Forward(seq, fo).status());
     calib_blocks.push_back(BlockFromCache(cache, 0, cache.tokens));
-    views.push_back({cache.tokens, DType::kF16, calib_blocks.back().data(), calib_blocks.back().size()});
+    views.push_back(
+        {cache.tokens, DType::kF16, calib_blocks.back().data(), calib_blocks.back().size()});
   }
   client::FitParams fp;
   fp.model_id = info.model_id;
@@ -88,14 +93,16 @@ absl::Status Demo(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(v1::FitCodebookResponse fit,
                         cl->FitCodebook(fp, views, [&](const v1::FitCodebookResponse& p) {
                           const int pct = p.total() > 0 ? int(100 * p.done() / p.total()) : 0;
-                          if (pct / 10 != last_pct / 10) std::fprintf(stderr, "  fit %3d%% %s\n", pct, p.detail().c_str());
+                          if (pct / 10 != last_pct / 10)
+                            std::fprintf(stderr, "  fit %3d%% %s\n", pct, p.detail().c_str());
                           last_pct = pct;
                         }));
   std::printf("fitted codebook %s (%s) on the daemon from %lld calibration tokens in %.1f s\n",
               fit.codebook_id().c_str(), fit.config().c_str(), (long long)calib.tokens(), Since(t));
 
   // Evaluation stories: capture, put as chained blocks, look up, get back.
-  const eval::Corpus ev = eval::BuildCorpus(m.tokenizer, *second, 512, int(2 * block_tokens), int(n_stories));
+  const eval::Corpus ev =
+      eval::BuildCorpus(m.tokenizer, *second, 512, int(2 * block_tokens), int(n_stories));
   struct Story {
     std::vector<int> tokens;
     model::KvCache cache;
@@ -113,20 +120,25 @@ absl::Status Demo(const Flags& f) {
     VQKV_RETURN_IF_ERROR(m.model.Forward(s.tokens, fo).status());
     std::vector<int32_t> ids(s.tokens.begin(), s.tokens.end());
     s.hashes = client::BlockHashChain(ids, int(block_tokens));
-    for (size_t b = 0; b < s.hashes.size(); ++b) s.blocks.push_back(BlockFromCache(s.cache, int(b * block_tokens), int(block_tokens)));
+    for (size_t b = 0; b < s.hashes.size(); ++b)
+      s.blocks.push_back(BlockFromCache(s.cache, int(b * block_tokens), int(block_tokens)));
   }
   for (auto& s : stories) {
     for (size_t b = 0; b < s.hashes.size(); ++b) {
-      puts.push_back({s.hashes[b], int64_t(b) * block_tokens, int32_t(block_tokens), s.blocks[b].data(), s.blocks[b].size()});
+      puts.push_back({s.hashes[b], int64_t(b) * block_tokens, int32_t(block_tokens),
+                      s.blocks[b].data(), s.blocks[b].size()});
       logical += int64_t(s.blocks[b].size());
     }
   }
   t = Clock::now();
   VQKV_ASSIGN_OR_RETURN(client::PutResult put, cl->Put(info, puts));
   const double put_s = Since(t);
-  std::printf("put %lld blocks of %zu stories: %.2f MiB fp16 KV -> %.3f MiB stored (%.2fx smaller) in %.2f s (%.1f MiB/s)\n",
-              (long long)put.stored, stories.size(), logical / 1048576.0, put.stored_bytes / 1048576.0,
-              double(put.logical_bytes) / double(std::max<int64_t>(1, put.stored_bytes)), put_s, logical / 1048576.0 / put_s);
+  std::printf(
+      "put %lld blocks of %zu stories: %.2f MiB fp16 KV -> %.3f MiB stored (%.2fx smaller) in %.2f "
+      "s (%.1f MiB/s)\n",
+      (long long)put.stored, stories.size(), logical / 1048576.0, put.stored_bytes / 1048576.0,
+      double(put.logical_bytes) / double(std::max<int64_t>(1, put.stored_bytes)), put_s,
+      logical / 1048576.0 / put_s);
 
   int64_t prefix_total = 0, blocks_total = 0;
   for (auto& s : stories) {
@@ -137,14 +149,19 @@ absl::Status Demo(const Flags& f) {
     if (s.hashes.size() >= 2) {
       std::vector<int32_t> changed(s.tokens.begin(), s.tokens.end());
       changed[block_tokens] ^= 1;
-      VQKV_ASSIGN_OR_RETURN(client::LookupResult lc, cl->Lookup(info.model_id, client::BlockHashChain(changed, int(block_tokens))));
+      VQKV_ASSIGN_OR_RETURN(
+          client::LookupResult lc,
+          cl->Lookup(info.model_id, client::BlockHashChain(changed, int(block_tokens))));
       if (lc.prefix_blocks != 1) {
-        return absl::InternalError(absl::StrCat("lookup of a diverging prompt found ", lc.prefix_blocks, " blocks, expected 1"));
+        return absl::InternalError(absl::StrCat("lookup of a diverging prompt found ",
+                                                lc.prefix_blocks, " blocks, expected 1"));
       }
     }
   }
-  std::printf("lookup: %lld of %lld blocks cached as leading prefixes; a prompt diverging after block 1 matches 1 block\n",
-              (long long)prefix_total, (long long)blocks_total);
+  std::printf(
+      "lookup: %lld of %lld blocks cached as leading prefixes; a prompt diverging after block 1 "
+      "matches 1 block\n",
+      (long long)prefix_total, (long long)blocks_total);
 
   // Get back reconstructed fp16 and feed it to the model's attention.
   double nll_ref = 0, nll = 0, kerr = 0, kref = 0, verr = 0, vref = 0;
@@ -159,15 +176,18 @@ absl::Status Demo(const Flags& f) {
     const int T = int(s.tokens.size());
     std::vector<std::vector<float>> kh(L, std::vector<float>(size_t(T) * row)), vh = kh;
     for (int l = 0; l < L; ++l) {
-      kh[l] = s.cache.k[l];  // tokens past the last full block stay exact (the engine's recent tail)
+      kh[l] =
+          s.cache.k[l];  // tokens past the last full block stay exact (the engine's recent tail)
       vh[l] = s.cache.v[l];
     }
     for (size_t b = 0; b < got.size(); ++b) {
       std::vector<float> x(size_t(L) * 2 * block_tokens * row);
       ToFloat(DType::kF16, got[b].data.data(), x.size(), x.data());
       for (int l = 0; l < L; ++l) {
-        std::memcpy(&kh[l][b * block_tokens * row], &x[(size_t(l) * 2) * block_tokens * row], block_tokens * row * 4);
-        std::memcpy(&vh[l][b * block_tokens * row], &x[(size_t(l) * 2 + 1) * block_tokens * row], block_tokens * row * 4);
+        std::memcpy(&kh[l][b * block_tokens * row], &x[(size_t(l) * 2) * block_tokens * row],
+                    block_tokens * row * 4);
+        std::memcpy(&vh[l][b * block_tokens * row], &x[(size_t(l) * 2 + 1) * block_tokens * row],
+                    block_tokens * row * 4);
       }
     }
     for (int l = 0; l < L; ++l) {
@@ -182,8 +202,8 @@ absl::Status Demo(const Flags& f) {
     model::ForwardOptions fo;
     fo.sink_tokens = 0;
     fo.recent_tokens = 32;
-    fo.transform = [&](int layer, const std::vector<float>&, const std::vector<float>&, std::vector<float>* k,
-                       std::vector<float>* v) {
+    fo.transform = [&](int layer, const std::vector<float>&, const std::vector<float>&,
+                       std::vector<float>* k, std::vector<float>* v) {
       *k = kh[layer];
       *v = vh[layer];
       return absl::OkStatus();
@@ -197,26 +217,32 @@ absl::Status Demo(const Flags& f) {
     scored += sc.scored;
     for (int i = 36; i < T - 1; ++i) agree += sc.argmax[i] == sr.argmax[i];
   }
-  std::printf("get %lld blocks back as fp16 in %.2f s (%.1f MiB/s of KV)\n", (long long)blocks_total, get_s,
-              logical / 1048576.0 / get_s);
+  std::printf("get %lld blocks back as fp16 in %.2f s (%.1f MiB/s of KV)\n",
+              (long long)blocks_total, get_s, logical / 1048576.0 / get_s);
   const double ppl_ref = std::exp(nll_ref / double(scored)), ppl = std::exp(nll / double(scored));
-  std::printf("\nfidelity of the KV that made the round trip (%lld predictions, attention on the fetched cache):\n",
-              (long long)scored);
+  std::printf(
+      "\nfidelity of the KV that made the round trip (%lld predictions, attention on the fetched "
+      "cache):\n",
+      (long long)scored);
   std::printf("  K relative error %.4f, V relative error %.4f\n", kerr / kref, verr / vref);
   std::printf("  perplexity %.3f vs %.3f exact (%+.2f%%), top-1 agreement %.1f%%\n", ppl, ppl_ref,
               (ppl / ppl_ref - 1) * 100, 100.0 * double(agree) / double(scored));
   VQKV_ASSIGN_OR_RETURN(v1::GetStatsResponse st, cl->Stats());
-  std::printf("daemon stats: %lld blocks, %lld B stored for %lld B logical (%.2fx), hits %lld, misses %lld\n",
-              (long long)st.blocks(), (long long)st.stored_bytes(), (long long)st.logical_bytes(),
-              double(st.logical_bytes()) / double(std::max<int64_t>(1, st.stored_bytes())), (long long)st.hits(),
-              (long long)st.misses());
+  std::printf(
+      "daemon stats: %lld blocks, %lld B stored for %lld B logical (%.2fx), hits %lld, misses "
+      "%lld\n",
+      (long long)st.blocks(), (long long)st.stored_bytes(), (long long)st.logical_bytes(),
+      double(st.logical_bytes()) / double(std::max<int64_t>(1, st.stored_bytes())),
+      (long long)st.hits(), (long long)st.misses());
   return absl::OkStatus();
 }
 
 }  // namespace
 
 int RunDemo(int argc, char** argv) {
-  Flags f("demo", "Service demo against a running vqkvd: register, fit, put real model KV, lookup, get, measure.",
+  Flags f("demo",
+          "Service demo against a running vqkvd: register, fit, put real model KV, lookup, get, "
+          "measure.",
           {{"target", "127.0.0.1:50051", "vqkvd address"},
            {"model", DefaultModelDir(), "LLaMA-architecture safetensors folder"},
            {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},

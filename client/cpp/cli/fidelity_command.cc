@@ -32,7 +32,8 @@ absl::StatusOr<std::vector<double>> ParseBudgets(const std::string& s) {
   for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
     double v;
     if (!absl::SimpleAtod(p, &v) || v <= 0 || v > 16) {
-      return absl::InvalidArgumentError(absl::StrCat("--budgets: '", std::string(p), "' is not a number in (0, 16]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--budgets: '", std::string(p), "' is not a number in (0, 16]"));
     }
     out.push_back(v);
   }
@@ -53,7 +54,8 @@ absl::Status Fidelity(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(std::vector<double> budgets, ParseBudgets(f.Str("budgets")));
   const bool pack = !f.Bool("per-story");
   const std::vector<std::string> paper = absl::StrSplit(f.Str("paper"), ',');
-  if (paper.size() != 2) return absl::InvalidArgumentError("--paper must be KxSIZE,VxSIZE (e.g. 7x1024,2x512)");
+  if (paper.size() != 2)
+    return absl::InvalidArgumentError("--paper must be KxSIZE,VxSIZE (e.g. 7x1024,2x512)");
   VQKV_ASSIGN_OR_RETURN(kernels::StageConfig pk, kernels::ParseStageConfig(paper[0]));
   VQKV_ASSIGN_OR_RETURN(kernels::StageConfig pv, kernels::ParseStageConfig(paper[1]));
 
@@ -67,10 +69,11 @@ absl::Status Fidelity(const Flags& f) {
   auto setup = LoadModelSetup(f.Str("model"), f.Str("text"));
   const bool synthetic = !setup.ok();
   if (synthetic) {
-    std::fprintf(stderr,
-                 "WARNING: %s\nWARNING: falling back to SYNTHETIC K/V (random, LLaMA-like structure); "
-                 "every figure below is labelled SYNTHETIC and says nothing about a real model.\n",
-                 std::string(setup.status().message()).c_str());
+    std::fprintf(
+        stderr,
+        "WARNING: %s\nWARNING: falling back to SYNTHETIC K/V (random, LLaMA-like structure); "
+        "every figure below is labelled SYNTHETIC and says nothing about a real model.\n",
+        std::string(setup.status().message()).c_str());
   }
   kernels::KvSamples calib;
   eval::Corpus eval_corpus;
@@ -79,16 +82,19 @@ absl::Status Fidelity(const Flags& f) {
   if (!synthetic) {
     auto first = SelectPart(setup->stories, "first-half");
     auto second = SelectPart(setup->stories, "second-half");
-    const eval::Corpus calib_corpus =
-        eval::BuildCorpus(setup->tokenizer, *first, int(max_tokens), int(sinks + recent + 8), int(calib_seqs), pack);
-    eval_corpus =
-        eval::BuildCorpus(setup->tokenizer, *second, int(max_tokens), int(sinks + recent + 8), int(eval_seqs), pack);
-    std::fprintf(stderr, "model %s: %d layers, %d KV heads, head_dim %d\n", setup->model_dir.c_str(),
-                 setup->model.config().num_hidden_layers, setup->model.config().num_key_value_heads,
-                 setup->model.config().head_dim);
-    std::fprintf(stderr, "calibration: %zu sequences, %lld tokens (first half); evaluation: %zu sequences, %lld tokens "
-                 "(second half)\n", calib_corpus.seqs.size(), (long long)calib_corpus.tokens(), eval_corpus.seqs.size(),
-                 (long long)eval_corpus.tokens());
+    const eval::Corpus calib_corpus = eval::BuildCorpus(
+        setup->tokenizer, *first, int(max_tokens), int(sinks + recent + 8), int(calib_seqs), pack);
+    eval_corpus = eval::BuildCorpus(setup->tokenizer, *second, int(max_tokens),
+                                    int(sinks + recent + 8), int(eval_seqs), pack);
+    std::fprintf(stderr, "model %s: %d layers, %d KV heads, head_dim %d\n",
+                 setup->model_dir.c_str(), setup->model.config().num_hidden_layers,
+                 setup->model.config().num_key_value_heads, setup->model.config().head_dim);
+    std::fprintf(stderr,
+                 "calibration: %zu sequences, %lld tokens (first half); evaluation: %zu sequences, "
+                 "%lld tokens "
+                 "(second half)\n",
+                 calib_corpus.seqs.size(), (long long)calib_corpus.tokens(),
+                 eval_corpus.seqs.size(), (long long)eval_corpus.tokens());
     VQKV_ASSIGN_OR_RETURN(calib, eval::CaptureSamples(setup->model, calib_corpus));
     VQKV_ASSIGN_OR_RETURN(ref, eval::ComputeReference(setup->model, eval_corpus));
   } else {
@@ -105,15 +111,16 @@ absl::Status Fidelity(const Flags& f) {
   bo.bits_per_element = max_budget > 0 ? max_budget : 1;
   bo.sink_tokens = int(sinks);
   bo.recent_tokens = int(recent);
-  kernels::RvqConfig full_cfg =
-      kernels::MaxStagesConfig(calib.layers, calib.kv_heads, calib.head_dim, bo, f.Bool("per-head"));
+  kernels::RvqConfig full_cfg = kernels::MaxStagesConfig(calib.layers, calib.kv_heads,
+                                                         calib.head_dim, bo, f.Bool("per-head"));
   for (int l = 0; l < full_cfg.layers; ++l) {
     full_cfg.k[l].stages = std::max(full_cfg.k[l].stages, pk.stages);
     full_cfg.v[l].stages = std::max(full_cfg.v[l].stages, pv.stages);
   }
   int64_t steps = 0;
   for (int l = 0; l < full_cfg.layers; ++l) {
-    steps += (full_cfg.k[l].stages + full_cfg.v[l].stages) * (full_cfg.per_head ? full_cfg.kv_heads : 1);
+    steps +=
+        (full_cfg.k[l].stages + full_cfg.v[l].stages) * (full_cfg.per_head ? full_cfg.kv_heads : 1);
   }
   ProgressBar bar("fit", steps);
   fo.progress = [&](int64_t d, int64_t, const std::string& w) { bar.Update(d, w); };
@@ -123,8 +130,8 @@ absl::Status Fidelity(const Flags& f) {
   std::vector<Candidate> cands = {{"raw", "", nullptr, "raw"},
                                   {"scalar-2", "", nullptr, "scalar-2"},
                                   {"scalar-4", "", nullptr, "scalar-4"}};
-  const auto paper_cfg =
-      kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads, calib.head_dim, pk, pv, f.Bool("per-head"));
+  const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads, calib.head_dim,
+                                                     pk, pv, f.Bool("per-head"));
   VQKV_ASSIGN_OR_RETURN(kernels::Codebook paper_cb, kernels::TruncateCodebook(full, paper_cfg));
   cands.push_back({"rvq paper split", absl::StrCat("paper: ", SplitText(paper_cfg)),
                    std::make_shared<const kernels::Codebook>(std::move(paper_cb)), "rvq"});
@@ -138,9 +145,11 @@ absl::Status Fidelity(const Flags& f) {
   for (double b : budgets) {
     kernels::BudgetOptions ob = bo;
     ob.bits_per_element = b;
-    VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice, kernels::ChooseSplitFromErrors(full_cfg, split_errors, ob));
+    VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice,
+                          kernels::ChooseSplitFromErrors(full_cfg, split_errors, ob));
     VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, choice.config));
-    cands.push_back({absl::StrCat("rvq fit --bits ", b), absl::StrCat("chosen: ", SplitText(choice.config)),
+    cands.push_back({absl::StrCat("rvq fit --bits ", b),
+                     absl::StrCat("chosen: ", SplitText(choice.config)),
                      std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq"});
   }
   if (beam > 1) {
@@ -162,7 +171,8 @@ absl::Status Fidelity(const Flags& f) {
       VQKV_ASSIGN_OR_RETURN(row, eval::EvaluateOnSamples(synth_eval, *codec, cb_bytes, eo));
       row.codec = absl::StrCat("SYNTHETIC ", row.codec);
     } else {
-      VQKV_ASSIGN_OR_RETURN(row, eval::Evaluate(setup->model, eval_corpus, ref, *codec, cb_bytes, eo));
+      VQKV_ASSIGN_OR_RETURN(row,
+                            eval::Evaluate(setup->model, eval_corpus, ref, *codec, cb_bytes, eo));
     }
     row.split = cands[i].split;
     rows.push_back(std::move(row));
@@ -170,12 +180,18 @@ absl::Status Fidelity(const Flags& f) {
   }
   ebar.Finish();
   const std::string table = eval::FormatTable(rows);
-  std::printf("\n%s%s\n", synthetic ? "SYNTHETIC K/V (no model found) -- not a model measurement\n" : "", table.c_str());
+  std::printf("\n%s%s\n",
+              synthetic ? "SYNTHETIC K/V (no model found) -- not a model measurement\n" : "",
+              table.c_str());
   if (!synthetic) {
-    std::printf("reference perplexity (fp32 cache) %.3f over %lld scored predictions; positions >= sinks + recent "
-                "(%lld) scored; bits/element on an fp16 basis with headers, sinks and codebooks amortised over %lld "
-                "tokens.\n",
-                rows[0].ppl_ref, (long long)rows[0].scored, (long long)(sinks + recent), (long long)eo.amortise_tokens);
+    std::printf(
+        "reference perplexity (fp32 cache) %.3f over %lld scored predictions; positions >= sinks + "
+        "recent "
+        "(%lld) scored; bits/element on an fp16 basis with headers, sinks and codebooks amortised "
+        "over %lld "
+        "tokens.\n",
+        rows[0].ppl_ref, (long long)rows[0].scored, (long long)(sinks + recent),
+        (long long)eo.amortise_tokens);
   }
   if (!f.Str("markdown").empty()) VQKV_RETURN_IF_ERROR(WriteStringToFile(f.Str("markdown"), table));
   return absl::OkStatus();
@@ -185,16 +201,20 @@ absl::Status Fidelity(const Flags& f) {
 
 int RunFidelity(int argc, char** argv) {
   Flags f("fidelity",
-          "Fit rvq codebooks on the first half of a text's stories and compare raw, scalar-2/4 and rvq on the second "
+          "Fit rvq codebooks on the first half of a text's stories and compare raw, scalar-2/4 and "
+          "rvq on the second "
           "half with the real model (K/V error, attention error, perplexity, top-1 agreement, KL).",
           {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder"},
            {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
            {"max-tokens", "512", "truncate each story"},
-           {"per-story", "", "one story per sequence instead of packing stories into max-tokens contexts", true},
+           {"per-story", "",
+            "one story per sequence instead of packing stories into max-tokens contexts", true},
            {"calib-seqs", "0", "calibration sequences (0: all of the first half)"},
            {"eval-seqs", "0", "evaluation sequences (0: all of the second half)"},
-           {"paper", "7x1024,2x512", "the paper's split scaled to this head_dim: K stages x size, V stages x size"},
-           {"budgets", "2.75,2.5", "code budgets (bits/element) for which `fit --bits` chooses a split"},
+           {"paper", "7x1024,2x512",
+            "the paper's split scaled to this head_dim: K stages x size, V stages x size"},
+           {"budgets", "2.75,2.5",
+            "code budgets (bits/element) for which `fit --bits` chooses a split"},
            {"iters", "10", "Lloyd iterations per stage"},
            {"max-vectors", "65536", "training vectors per table (subsampled)"},
            {"sinks", "4", "leading tokens kept exact"},

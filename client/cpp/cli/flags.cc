@@ -37,12 +37,14 @@ absl::Status Flags::Parse(int argc, char** argv, int first) {
       if (s.name == name) spec = &s;
     }
     if (spec == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(command_, ": unknown flag --", name, " (see --help)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(command_, ": unknown flag --", name, " (see --help)"));
     }
     if (spec->is_bool) {
       if (!has_value) value = "true";
     } else if (!has_value) {
-      if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(command_, ": --", name, " needs a value"));
+      if (i + 1 >= argc)
+        return absl::InvalidArgumentError(absl::StrCat(command_, ": --", name, " needs a value"));
       value = argv[++i];
     }
     values_[name] = value;
@@ -54,8 +56,9 @@ absl::Status Flags::Parse(int argc, char** argv, int first) {
 std::string Flags::Usage() const {
   std::string s = absl::StrCat("usage: vqkv ", command_, " [flags]\n  ", summary_, "\n\nflags:\n");
   for (const auto& f : specs_) {
-    absl::StrAppend(&s, "  --", f.name, f.is_bool ? "" : "=VALUE", "\n      ", f.help,
-                    f.default_value.empty() ? "" : absl::StrCat(" (default: ", f.default_value, ")"), "\n");
+    absl::StrAppend(
+        &s, "  --", f.name, f.is_bool ? "" : "=VALUE", "\n      ", f.help,
+        f.default_value.empty() ? "" : absl::StrCat(" (default: ", f.default_value, ")"), "\n");
   }
   return s;
 }
@@ -65,7 +68,8 @@ const std::string& Flags::Str(const std::string& name) const { return values_.at
 absl::StatusOr<int64_t> Flags::Int(const std::string& name) const {
   int64_t v;
   if (!absl::SimpleAtoi(values_.at(name), &v)) {
-    return absl::InvalidArgumentError(absl::StrCat(command_, ": --", name, "=", values_.at(name), " is not an integer"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(command_, ": --", name, "=", values_.at(name), " is not an integer"));
   }
   return v;
 }
@@ -73,7 +77,8 @@ absl::StatusOr<int64_t> Flags::Int(const std::string& name) const {
 absl::StatusOr<double> Flags::Double(const std::string& name) const {
   double v;
   if (!absl::SimpleAtod(values_.at(name), &v)) {
-    return absl::InvalidArgumentError(absl::StrCat(command_, ": --", name, "=", values_.at(name), " is not a number"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(command_, ": --", name, "=", values_.at(name), " is not a number"));
   }
   return v;
 }

@@ -6,14 +6,17 @@
 
 namespace vqkv::cli {
 
-absl::StatusOr<ModelSetup> LoadModelSetup(const std::string& model_dir, const std::string& text_path) {
+absl::StatusOr<ModelSetup> LoadModelSetup(const std::string& model_dir,
+                                          const std::string& text_path) {
   if (model_dir.empty()) {
     return absl::NotFoundError(
-        "no model: ../shared/models/tinystories-656k was not found; pass --model DIR (a LLaMA-architecture "
+        "no model: ../shared/models/tinystories-656k was not found; pass --model DIR (a "
+        "LLaMA-architecture "
         "folder with config.json, model.safetensors and tokenizer.json)");
   }
   if (text_path.empty()) {
-    return absl::NotFoundError("no text: ../shared/data/tinystories/valid-dev.txt was not found; pass --text FILE");
+    return absl::NotFoundError(
+        "no text: ../shared/data/tinystories/valid-dev.txt was not found; pass --text FILE");
   }
   auto m = model::LlamaModel::Load(model_dir);
   if (!m.ok()) return m.status();
@@ -21,16 +24,20 @@ absl::StatusOr<ModelSetup> LoadModelSetup(const std::string& model_dir, const st
   if (!tok.ok()) return tok.status();
   auto stories = model::LoadStories(text_path);
   if (!stories.ok()) return stories.status();
-  if (stories->empty()) return absl::InvalidArgumentError(absl::StrCat("text '", text_path, "' holds no stories"));
+  if (stories->empty())
+    return absl::InvalidArgumentError(absl::StrCat("text '", text_path, "' holds no stories"));
   return ModelSetup{model_dir, std::move(*m), std::move(*tok), std::move(*stories)};
 }
 
-absl::StatusOr<std::vector<std::string>> SelectPart(const std::vector<std::string>& stories, const std::string& part) {
+absl::StatusOr<std::vector<std::string>> SelectPart(const std::vector<std::string>& stories,
+                                                    const std::string& part) {
   const size_t half = stories.size() / 2;
   if (part == "all") return stories;
-  if (part == "first-half") return std::vector<std::string>(stories.begin(), stories.begin() + half);
+  if (part == "first-half")
+    return std::vector<std::string>(stories.begin(), stories.begin() + half);
   if (part == "second-half") return std::vector<std::string>(stories.begin() + half, stories.end());
-  return absl::InvalidArgumentError(absl::StrCat("--part must be first-half, second-half or all, got '", part, "'"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("--part must be first-half, second-half or all, got '", part, "'"));
 }
 
 }  // namespace vqkv::cli

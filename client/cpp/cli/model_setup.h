@@ -21,7 +21,8 @@ struct ModelSetup {
 
 // Loads `model_dir` (config.json, model.safetensors, tokenizer.json) and the stories of
 // `text_path`. NotFound with a hint naming --model/--text when either is missing.
-absl::StatusOr<ModelSetup> LoadModelSetup(const std::string& model_dir, const std::string& text_path);
+absl::StatusOr<ModelSetup> LoadModelSetup(const std::string& model_dir,
+                                          const std::string& text_path);
 
 // "first-half", "second-half" or "all" of the stories.
 absl::StatusOr<std::vector<std::string>> SelectPart(const std::vector<std::string>& stories,

@@ -20,8 +20,8 @@ int64_t Corpus::tokens() const {
   return n;
 }
 
-Corpus BuildCorpus(const model::Tokenizer& tok, const std::vector<std::string>& stories, int max_tokens,
-                   int min_tokens, int max_seqs, bool pack) {
+Corpus BuildCorpus(const model::Tokenizer& tok, const std::vector<std::string>& stories,
+                   int max_tokens, int min_tokens, int max_seqs, bool pack) {
   Corpus c;
   std::vector<int> cur;
   auto flush = [&] {
@@ -93,7 +93,8 @@ void LogSoftmax(const float* x, int n, std::vector<double>* out) {
 }  // namespace
 
 absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, const Reference& ref,
-                                 const kernels::Codec& codec, int64_t codebook_bytes, const EvalOptions& opts) {
+                                 const kernels::Codec& codec, int64_t codebook_bytes,
+                                 const EvalOptions& opts) {
   const auto t0 = std::chrono::steady_clock::now();
   const auto& cfg = m.config();
   const int L = cfg.num_hidden_layers, H = cfg.num_key_value_heads, D = cfg.head_dim;
@@ -116,8 +117,8 @@ absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, co
     fo.capture = &cache;
     fo.sink_tokens = opts.sink_tokens;
     fo.recent_tokens = opts.recent_tokens;
-    fo.transform = [&](int layer, const std::vector<float>& k, const std::vector<float>& v, std::vector<float>* kh,
-                       std::vector<float>* vh) -> absl::Status {
+    fo.transform = [&](int layer, const std::vector<float>& k, const std::vector<float>& v,
+                       std::vector<float>* kh, std::vector<float>* vh) -> absl::Status {
       // Store the layer as blocks of block_tokens, as the service would, and read it back.
       const int64_t row_elems = int64_t{H} * D;
       for (int b0 = 0; b0 < T; b0 += opts.block_tokens) {
@@ -134,8 +135,8 @@ absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, co
         // Accounting on the fp16 basis a serving engine would send.
         stored_bytes += codec.PayloadBytes(shape, DType::kF16, b0, layer);
         const int sinks = int(std::max<int64_t>(0, std::min<int64_t>(opts.sink_tokens - b0, n)));
-        code_bytes += codec.PayloadBytes(shape, DType::kF16, b0, layer) - int64_t(sizeof(kernels::PayloadHeader)) -
-                      int64_t{2} * sinks * row_elems * 2;
+        code_bytes += codec.PayloadBytes(shape, DType::kF16, b0, layer) -
+                      int64_t(sizeof(kernels::PayloadHeader)) - int64_t{2} * sinks * row_elems * 2;
         compressed_elems += int64_t{2} * (n - sinks) * row_elems;
       }
       k_hat[layer] = *kh;
@@ -146,8 +147,10 @@ absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, co
     for (int l = 0; l < L; ++l) {
       const int64_t skip = int64_t{std::min(opts.sink_tokens, T)} * H * D;
       const int64_t nvec = int64_t{T - std::min(opts.sink_tokens, T)} * H;
-      const auto ke = kernels::CompareVectors(cache.k[l].data() + skip, k_hat[l].data() + skip, nvec, D);
-      const auto ve = kernels::CompareVectors(cache.v[l].data() + skip, v_hat[l].data() + skip, nvec, D);
+      const auto ke =
+          kernels::CompareVectors(cache.k[l].data() + skip, k_hat[l].data() + skip, nvec, D);
+      const auto ve =
+          kernels::CompareVectors(cache.v[l].data() + skip, v_hat[l].data() + skip, nvec, D);
       double kr = 0, vr = 0;
       for (int64_t i = skip; i < int64_t(cache.k[l].size()); ++i) {
         kr += double(cache.k[l][i]) * cache.k[l][i];
@@ -190,7 +193,8 @@ absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, co
     }
     scored += sc.scored;
   }
-  if (scored == 0) return absl::InvalidArgumentError("evaluate: no sequence longer than sinks + recent window");
+  if (scored == 0)
+    return absl::InvalidArgumentError("evaluate: no sequence longer than sinks + recent window");
   row.k.rel_error = k_ref > 0 ? k_err / k_ref : 0;
   row.v.rel_error = v_ref > 0 ? v_err / v_ref : 0;
   row.k.cosine = k_cos / double(vec);
@@ -204,7 +208,8 @@ absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, co
   row.kl = kl / double(scored);
   row.scored = scored;
   const double elems = double(c.tokens()) * L * 2 * H * D;
-  const double cb_share = double(codebook_bytes) * double(c.tokens()) / double(opts.amortise_tokens);
+  const double cb_share =
+      double(codebook_bytes) * double(c.tokens()) / double(opts.amortise_tokens);
   row.bits_all_in = (double(stored_bytes) + cb_share) * 8 / elems;
   row.bits_codes = compressed_elems > 0 ? double(code_bytes) * 8 / double(compressed_elems) : 0;
   row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -235,9 +240,10 @@ absl::StatusOr<EvalRow> EvaluateOnSamples(const kernels::KvSamples& s, const ker
       stored += codec.PayloadBytes(shape, DType::kF16, 0, l);
       VQKV_ASSIGN_OR_RETURN(std::vector<float> back, codec.DecodeToFloat(payload[0]));
       const int64_t skip = std::min<int64_t>(opts.sink_tokens, len);
-      const auto ke = kernels::CompareVectors(blk.data() + skip * rowe, back.data() + skip * rowe, (len - skip) * H, D);
-      const auto ve = kernels::CompareVectors(blk.data() + (len + skip) * rowe, back.data() + (len + skip) * rowe,
+      const auto ke = kernels::CompareVectors(blk.data() + skip * rowe, back.data() + skip * rowe,
                                               (len - skip) * H, D);
+      const auto ve = kernels::CompareVectors(
+          blk.data() + (len + skip) * rowe, back.data() + (len + skip) * rowe, (len - skip) * H, D);
       double kr = 0, vr = 0;
       for (int64_t i = skip * rowe; i < len * rowe; ++i) {
         kr += double(blk[i]) * blk[i];
@@ -277,13 +283,15 @@ absl::StatusOr<EvalRow> EvaluateOnSamples(const kernels::KvSamples& s, const ker
   row.attention = attn.Finish();
   row.ppl_ref = row.ppl = row.ppl_delta_pct = row.top1_pct = row.kl = std::nan("");
   const double elems = double(s.tokens(0)) * s.layers * 2 * rowe;
-  row.bits_all_in = (double(stored) + double(codebook_bytes) * double(s.tokens(0)) / double(opts.amortise_tokens)) * 8 / elems;
+  row.bits_all_in = (double(stored) +
+                     double(codebook_bytes) * double(s.tokens(0)) / double(opts.amortise_tokens)) *
+                    8 / elems;
   row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return row;
 }
 
-kernels::KvSamples SyntheticSamples(int layers, int kv_heads, int q_heads, int head_dim, int seqs, int seq_len,
-                                    uint32_t seed) {
+kernels::KvSamples SyntheticSamples(int layers, int kv_heads, int q_heads, int head_dim, int seqs,
+                                    int seq_len, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0, 1);
   kernels::KvSamples s;
@@ -335,7 +343,8 @@ kernels::KvSamples SyntheticSamples(int layers, int kv_heads, int q_heads, int h
 
 std::string FormatTable(const std::vector<EvalRow>& rows) {
   std::string s =
-      "| codec | split | bits/elem all-in | bits/elem codes | K rel err | V rel err | K cos | attn-out err | "
+      "| codec | split | bits/elem all-in | bits/elem codes | K rel err | V rel err | K cos | "
+      "attn-out err | "
       "attn top-8 agree | ppl | ppl delta % | top-1 agree % | KL nats |\n"
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (const auto& r : rows) {
@@ -345,12 +354,13 @@ std::string FormatTable(const std::vector<EvalRow>& rows) {
       std::snprintf(buf, sizeof buf, fmt, v);
       return std::string(buf);
     };
-    absl::StrAppend(&s, absl::StrFormat("| %s | %s | %.3f | %.3f | %.4f | %.4f | %.4f | %.4f | %.3f | ", r.codec,
-                                        r.split.empty() ? "-" : r.split, r.bits_all_in, r.bits_codes, r.k.rel_error,
-                                        r.v.rel_error, r.k.cosine, r.attention.output_rel_error,
-                                        r.attention.topk_agreement),
-                    num(r.ppl, "%.3f"), " | ", num(r.ppl_delta_pct, "%+.2f"), " | ", num(r.top1_pct, "%.1f"), " | ",
-                    num(r.kl, "%.5f"), " |\n");
+    absl::StrAppend(&s,
+                    absl::StrFormat("| %s | %s | %.3f | %.3f | %.4f | %.4f | %.4f | %.4f | %.3f | ",
+                                    r.codec, r.split.empty() ? "-" : r.split, r.bits_all_in,
+                                    r.bits_codes, r.k.rel_error, r.v.rel_error, r.k.cosine,
+                                    r.attention.output_rel_error, r.attention.topk_agreement),
+                    num(r.ppl, "%.3f"), " | ", num(r.ppl_delta_pct, "%+.2f"), " | ",
+                    num(r.top1_pct, "%.1f"), " | ", num(r.kl, "%.5f"), " |\n");
   }
   return s;
 }

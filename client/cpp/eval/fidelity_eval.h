@@ -28,8 +28,8 @@ struct Corpus {
 // that does not fit starts the next context), as a long-context request would look; otherwise
 // each story is one sequence truncated at `max_tokens`. Sequences shorter than `min_tokens` are
 // dropped; stops after `max_seqs` sequences (0 = all).
-Corpus BuildCorpus(const model::Tokenizer& tok, const std::vector<std::string>& stories, int max_tokens,
-                   int min_tokens, int max_seqs, bool pack = false);
+Corpus BuildCorpus(const model::Tokenizer& tok, const std::vector<std::string>& stories,
+                   int max_tokens, int min_tokens, int max_seqs, bool pack = false);
 
 // Exact post-RoPE K, V and Q of every sequence, concatenated with seq_lens.
 absl::StatusOr<kernels::KvSamples> CaptureSamples(const model::LlamaModel& m, const Corpus& c);
@@ -37,8 +37,8 @@ absl::StatusOr<kernels::KvSamples> CaptureSamples(const model::LlamaModel& m, co
 struct EvalOptions {
   int sink_tokens = 4;
   int recent_tokens = 32;
-  int block_tokens = 256;               // storage block size for the bit accounting
-  int64_t amortise_tokens = 1 << 20;    // codebooks are shared by this many stored tokens
+  int block_tokens = 256;             // storage block size for the bit accounting
+  int64_t amortise_tokens = 1 << 20;  // codebooks are shared by this many stored tokens
 };
 
 struct EvalRow {
@@ -50,8 +50,8 @@ struct EvalRow {
   kernels::AttentionFidelity attention;
   double ppl_ref = 0, ppl = 0, ppl_delta_pct = 0;
   double top1_pct = 0;
-  double kl = 0;           // mean KL(p_exact || p_codec) of next-token distributions, nats
-  int64_t scored = 0;      // predictions scored
+  double kl = 0;       // mean KL(p_exact || p_codec) of next-token distributions, nats
+  int64_t scored = 0;  // predictions scored
   double seconds = 0;
 };
 

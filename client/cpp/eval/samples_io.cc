@@ -13,13 +13,16 @@ namespace vqkv::eval {
 namespace {
 
 bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // Minimal .npy (format 1.0/2.0) reader for little-endian f4/f2 C-order arrays.
 absl::StatusOr<kernels::KvSamples> LoadNpy(const std::string& path) {
   VQKV_ASSIGN_OR_RETURN(std::string b, ReadFileToString(path));
-  auto bad = [&](const std::string& m) { return absl::InvalidArgumentError(absl::StrCat("npy '", path, "': ", m)); };
+  auto bad = [&](const std::string& m) {
+    return absl::InvalidArgumentError(absl::StrCat("npy '", path, "': ", m));
+  };
   if (b.size() < 10 || b.compare(0, 6, "\x93NUMPY") != 0) return bad("not a .npy file");
   const int major = static_cast<uint8_t>(b[6]);
   size_t hlen, hoff;
@@ -55,11 +58,13 @@ absl::StatusOr<kernels::KvSamples> LoadNpy(const std::string& path) {
     if (!absl::SimpleAtoi(t, &v) || v <= 0) return bad("bad shape entry");
     shape.push_back(v);
   }
-  if (shape.size() != 5 || shape[1] != 2) return bad("shape must be [layers, 2, n, kv_heads, head_dim]");
+  if (shape.size() != 5 || shape[1] != 2)
+    return bad("shape must be [layers, 2, n, kv_heads, head_dim]");
   int64_t count = 1;
   for (int64_t d : shape) count *= d;
   const size_t data_off = hoff + hlen;
-  if (b.size() - data_off != size_t(count) * DTypeSize(dt)) return bad("data size does not match the shape");
+  if (b.size() - data_off != size_t(count) * DTypeSize(dt))
+    return bad("data size does not match the shape");
   kernels::KvSamples s;
   s.layers = int(shape[0]);
   s.kv_heads = int(shape[3]);
@@ -68,7 +73,8 @@ absl::StatusOr<kernels::KvSamples> LoadNpy(const std::string& path) {
   for (int l = 0; l < s.layers; ++l) {
     for (int c = 0; c < 2; ++c) {
       std::vector<float> x(plane);
-      ToFloat(dt, b.data() + data_off + (size_t(l) * 2 + c) * plane * DTypeSize(dt), plane, x.data());
+      ToFloat(dt, b.data() + data_off + (size_t(l) * 2 + c) * plane * DTypeSize(dt), plane,
+              x.data());
       (c == 0 ? s.k : s.v).push_back(std::move(x));
     }
   }
@@ -90,22 +96,26 @@ absl::StatusOr<kernels::KvSamples> LoadSamples(const std::string& path) {
     for (int c = 0; c < 3; ++c) {
       const std::string name = absl::StrCat("layer", l, c == 0 ? ".k" : c == 1 ? ".v" : ".q");
       if (c == 2 && !f.Has(name)) {
-        if (l > 0 && !s.q.empty()) return bad(absl::StrCat("'", name, "' missing while layer 0 has queries"));
+        if (l > 0 && !s.q.empty())
+          return bad(absl::StrCat("'", name, "' missing while layer 0 has queries"));
         continue;
       }
       VQKV_ASSIGN_OR_RETURN(TensorInfo info, f.Info(name));
-      if (info.shape.size() != 3) return bad(absl::StrCat("'", name, "' must be [n, heads, head_dim]"));
+      if (info.shape.size() != 3)
+        return bad(absl::StrCat("'", name, "' must be [n, heads, head_dim]"));
       if (c < 2) {
         if (l == 0 && c == 0) {
           s.kv_heads = int(info.shape[1]);
           s.head_dim = int(info.shape[2]);
         }
-        if (info.shape[1] != s.kv_heads || info.shape[2] != s.head_dim || info.shape[0] != f.Info(absl::StrCat("layer", l, ".k"))->shape[0]) {
+        if (info.shape[1] != s.kv_heads || info.shape[2] != s.head_dim ||
+            info.shape[0] != f.Info(absl::StrCat("layer", l, ".k"))->shape[0]) {
           return bad(absl::StrCat("'", name, "' shape disagrees with layer0.k"));
         }
       } else {
         if (l == 0) s.q_heads = int(info.shape[1]);
-        if (info.shape[1] != s.q_heads || info.shape[2] != s.head_dim) return bad(absl::StrCat("'", name, "' shape disagrees"));
+        if (info.shape[1] != s.q_heads || info.shape[2] != s.head_dim)
+          return bad(absl::StrCat("'", name, "' shape disagrees"));
       }
       VQKV_ASSIGN_OR_RETURN(std::vector<float> x, f.ReadFloat(name));
       (c == 0 ? s.k : c == 1 ? s.v : s.q).push_back(std::move(x));
@@ -115,7 +125,8 @@ absl::StatusOr<kernels::KvSamples> LoadSamples(const std::string& path) {
     int64_t total = 0;
     for (absl::string_view p : absl::StrSplit(f.metadata().at("seq_lens"), ',')) {
       int64_t v;
-      if (!absl::SimpleAtoi(p, &v) || v <= 0) return bad("metadata 'seq_lens' is not a list of positive integers");
+      if (!absl::SimpleAtoi(p, &v) || v <= 0)
+        return bad("metadata 'seq_lens' is not a list of positive integers");
       s.seq_lens.push_back(v);
       total += v;
     }
@@ -130,7 +141,8 @@ absl::Status SaveSamples(const kernels::KvSamples& s, const std::string& path) {
     const int64_t n = s.tokens(l);
     w.AddF32(absl::StrCat("layer", l, ".k"), {n, s.kv_heads, s.head_dim}, s.k[l].data());
     w.AddF32(absl::StrCat("layer", l, ".v"), {n, s.kv_heads, s.head_dim}, s.v[l].data());
-    if (!s.q.empty()) w.AddF32(absl::StrCat("layer", l, ".q"), {n, s.q_heads, s.head_dim}, s.q[l].data());
+    if (!s.q.empty())
+      w.AddF32(absl::StrCat("layer", l, ".q"), {n, s.q_heads, s.head_dim}, s.q[l].data());
   }
   if (!s.seq_lens.empty()) w.SetMetadata("seq_lens", absl::StrJoin(s.seq_lens, ","));
   w.SetMetadata("format", "vqkv-kv-samples");
