@@ -1,0 +1,56 @@
+// vqkvd configuration: built-in defaults, overridden by a YAML file (--config), overridden by
+// command-line flags. The defaults are the zero-configuration CPU setup: host tier only,
+// 127.0.0.1:50051, no metrics port.
+// Thread-safety: plain data and pure functions.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace vqkv::vqkvd {
+
+// A model registered at start (YAML only).
+struct PreloadModel {
+  std::string model_id;
+  int32_t layers = 0, kv_heads = 0, head_dim = 0, block_tokens = 0;
+  std::string dtype = "f16";
+  std::string codec = "raw";
+  std::string codebook;  // optional codebook file (rvq)
+};
+
+struct Config {
+  std::string listen = "127.0.0.1:50051";
+  std::string config_file;
+  int64_t host_tier_bytes = int64_t{2} << 30;
+  std::string disk_dir;  // empty: no disk tier
+  int64_t disk_tier_bytes = int64_t{16} << 30;
+  double high_watermark = 0.95;
+  double low_watermark = 0.85;
+  int64_t max_inflight_bytes = int64_t{1} << 30;
+  int64_t max_block_bytes = int64_t{512} << 20;
+  int32_t worker_threads = 0;  // 0: 2 x cores, at least 4
+  int32_t metrics_port = 0;    // 0: off
+  std::string log_level = "info";
+  double shutdown_grace_seconds = 30;
+  double shutdown_linger_seconds = 2;
+  std::vector<PreloadModel> models;
+};
+
+// Parses "1048576", "512MiB", "2GiB", "64KiB", "1.5G" (K/M/G/T are binary too).
+absl::StatusOr<int64_t> ParseBytes(const std::string& text);
+
+// Builds the configuration from argv. Sets *help when --help was given (the caller prints
+// Usage() and exits 0). InvalidArgument for unknown flags or bad values, naming them; NotFound /
+// InvalidArgument for an unreadable or malformed --config file.
+absl::StatusOr<Config> ParseConfig(int argc, char** argv, bool* help);
+
+// Applies a YAML document (same keys as the flags, plus `models:`) on top of `config`.
+absl::Status ApplyYaml(const std::string& yaml_text, Config* config);
+
+// The --help text: every flag with its default.
+std::string Usage();
+
+}  // namespace vqkv::vqkvd

@@ -1,0 +1,27 @@
+// Limits and tuning of the service layer (set from flags / YAML by vqkvd).
+// Thread-safety: plain data.
+#pragma once
+
+#include <cstdint>
+
+namespace vqkv::service {
+
+struct ServiceOptions {
+  // Bytes held by unfinished puts (assembling and encoded blocks), gets (decoded batches) and
+  // codebook uploads/fits together. Above it calls are refused with RESOURCE_EXHAUSTED + retry.
+  int64_t max_inflight_bytes = int64_t{1} << 30;
+  // Largest logical (uncompressed) block, and largest put call in blocks.
+  int64_t max_block_bytes = int64_t{512} << 20;
+  int64_t max_blocks_per_call = 65536;
+  // Encode/decode batches: one codec call covers complete blocks up to this many logical bytes.
+  int64_t codec_batch_bytes = int64_t{64} << 20;
+  // Default and largest GetBlocks chunk.
+  int32_t default_chunk_bytes = 4 << 20;
+  int32_t max_chunk_bytes = 32 << 20;
+  // Largest codebook upload and fit sample set (bytes).
+  int64_t max_codebook_bytes = int64_t{1} << 30;
+  // Suggested client back-off when busy.
+  int32_t retry_after_ms = 50;
+};
+
+}  // namespace vqkv::service

@@ -1,0 +1,192 @@
+// GPU scalar (KIVI-style) quantize/dequantize against the CPU scalar codec: bodies byte-for-byte
+// equal, dequantized values bit-equal, guard bands intact, odd sizes and groups.
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kernels/codec.h"
+#include "kernels/cuda/gpu_scalar.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tests/kernels/test_data.h"
+
+namespace vqkv::kernels::cuda {
+namespace {
+
+namespace testing_data = ::vqkv::kernels::testing;
+using gputest::GuardedBuffer;
+
+struct ScalarCase {
+  const char* name;
+  int dim, heads, layers, tokens, sinks, bits, group;
+  DType dtype;
+};
+
+class ScalarTest : public ::testing::TestWithParam<ScalarCase> {};
+
+TEST_P(ScalarTest, MatchesCpuCodecBitForBit) {
+  VQKV_REQUIRE_GPU();
+  const ScalarCase& tc = GetParam();
+  const KvShape s{tc.layers, tc.tokens, tc.heads, tc.dim};
+  std::vector<float> xf = testing_data::RandomKv(s, 77);
+  std::vector<uint16_t> xh;
+  const void* host = xf.data();
+  if (tc.dtype != DType::kF32) {
+    xh.resize(xf.size());
+    FromFloat(xf.data(), xf.size(), tc.dtype, xh.data());
+    host = xh.data();
+  }
+  CodecSpec spec;
+  spec.name = "scalar";
+  spec.scalar_bits = tc.bits;
+  spec.scalar_group = tc.group;
+  spec.sink_tokens = tc.sinks;
+  auto cpu = CreateCodec(spec);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  KvBlockView v{s, tc.dtype, host, 0, 0};
+  std::vector<std::string> payloads;
+  ASSERT_TRUE((*cpu)->Encode({&v, 1}, &payloads).ok());
+  const size_t sink_bytes =
+      size_t(s.layers) * 2 * tc.sinks * s.kv_heads * s.head_dim * DTypeSize(tc.dtype);
+  const std::string cpu_body = payloads[0].substr(sizeof(PayloadHeader) + sink_bytes);
+  const ScalarSpec ss{tc.bits, tc.group};
+  ASSERT_EQ(ScalarBodyBytes(s, tc.sinks, ss), int64_t(cpu_body.size()));
+
+  const size_t in_bytes = size_t(s.elements()) * DTypeSize(tc.dtype);
+  GuardedBuffer din(in_bytes);
+  din.Upload(host, in_bytes);
+  GuardedBuffer dbody((cpu_body.size() + 3) & ~size_t{3});
+  DeviceScalarBlock blk;
+  blk.shape = s;
+  blk.sinks = tc.sinks;
+  blk.in = din.get();
+  blk.body = dbody.as<uint8_t>();
+  const absl::Status st = ScalarQuantize({&blk, 1}, tc.dtype, ss, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(dbody.GuardDamage(), 0u);
+  const std::vector<uint8_t> gb = dbody.Download<uint8_t>();
+  const std::string gpu_body(reinterpret_cast<const char*>(gb.data()), cpu_body.size());
+  size_t diff = 0;
+  for (size_t i = 0; i < cpu_body.size(); ++i) diff += gpu_body[i] != cpu_body[i];
+  std::printf("[%s] body bytes=%zu differing=%zu\n", tc.name, cpu_body.size(), diff);
+  EXPECT_EQ(diff, 0u);
+
+  // Dequantize the CPU body on the GPU, in every output dtype.
+  auto ref = (*cpu)->DecodeToFloat(payloads[0]);
+  ASSERT_TRUE(ref.ok());
+  for (DType out : {DType::kF32, DType::kF16, DType::kBF16}) {
+    GuardedBuffer dcpu((cpu_body.size() + 3) & ~size_t{3});
+    dcpu.Poison(0);
+    dcpu.Upload(cpu_body.data(), cpu_body.size());
+    GuardedBuffer dout(size_t(s.elements()) * DTypeSize(out));
+    DeviceScalarBlock d;
+    d.shape = s;
+    d.sinks = tc.sinks;
+    d.out = dout.get();
+    d.body = dcpu.as<uint8_t>();
+    ASSERT_TRUE(ScalarDequantize({&d, 1}, out, ss, nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(dout.GuardDamage(), 0u);
+    const std::vector<uint8_t> raw = dout.Download<uint8_t>();
+    std::vector<uint8_t> want(size_t(s.elements()) * DTypeSize(out));
+    FromFloat(ref->data(), ref->size(), out, want.data());
+    const size_t es = DTypeSize(out);
+    int64_t bad = 0, poisoned_sinks = 0;
+    for (int l = 0; l < s.layers; ++l) {
+      for (int c = 0; c < 2; ++c) {
+        for (int t = 0; t < s.tokens; ++t) {
+          const int64_t o = s.Offset(l, c, t, 0) * int64_t(es);
+          const size_t n = size_t(s.kv_heads) * s.head_dim * es;
+          if (t < tc.sinks) {
+            for (size_t i = 0; i < n; ++i) poisoned_sinks += raw[o + i] == 0xFF;
+            continue;
+          }
+          bad += std::memcmp(raw.data() + o, want.data() + o, n) != 0;
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0) << "rows differing from the CPU decode, out " << DTypeName(out);
+    EXPECT_EQ(poisoned_sinks, int64_t(s.layers) * 2 * tc.sinks * s.kv_heads * s.head_dim * es)
+        << "sink rows must be left untouched";
+  }
+}
+
+const ScalarCase kScalarCases[] = {
+    {"llama_like", 128, 8, 2, 64, 4, 2, 32, DType::kF16},
+    {"bits4_bf16", 128, 8, 2, 37, 0, 4, 32, DType::kBF16},
+    {"group7_f32", 64, 3, 1, 5, 0, 2, 7, DType::kF32},
+    {"group_gt_dim", 96, 2, 2, 100, 4, 4, 128, DType::kF16},
+    {"odd_dim", 80, 1, 1, 33, 1, 2, 16, DType::kF16},
+    {"one_token", 128, 2, 1, 1, 0, 2, 32, DType::kF16},
+    {"huge_group", 64, 2, 1, 50, 0, 2, 4096, DType::kF16},
+    {"odd_everything", 48, 3, 3, 29, 2, 4, 5, DType::kBF16},
+    {"odd_dim33", 33, 3, 1, 17, 0, 2, 8, DType::kF16},
+    {"long_groups_f32", 64, 2, 1, 300, 4, 4, 100, DType::kF32},
+};
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ScalarTest, ::testing::ValuesIn(kScalarCases),
+                         [](const ::testing::TestParamInfo<ScalarCase>& i) {
+                           return std::string(i.param.name);
+                         });
+
+// Several blocks of different token counts in one launch equal one launch per block.
+TEST(ScalarBatch, MixedTokenCounts) {
+  VQKV_REQUIRE_GPU();
+  const ScalarSpec ss{2, 32};
+  const std::vector<std::pair<int, int>> tok_sinks = {{16, 4}, {16, 0}, {33, 0}, {1, 0}, {4, 4}};
+  std::vector<std::unique_ptr<GuardedBuffer>> ins, batch_bodies, single_bodies;
+  std::vector<DeviceScalarBlock> blocks;
+  for (size_t i = 0; i < tok_sinks.size(); ++i) {
+    const KvShape s{2, tok_sinks[i].first, 4, 64};
+    std::vector<float> x = testing_data::RandomKv(s, 900 + i);
+    ins.push_back(std::make_unique<GuardedBuffer>(x.size() * 4));
+    ins.back()->Upload(x.data(), x.size() * 4);
+    const size_t nb = (size_t(ScalarBodyBytes(s, tok_sinks[i].second, ss)) + 3) & ~size_t{3};
+    batch_bodies.push_back(std::make_unique<GuardedBuffer>(std::max<size_t>(nb, 4)));
+    single_bodies.push_back(std::make_unique<GuardedBuffer>(std::max<size_t>(nb, 4)));
+    DeviceScalarBlock b;
+    b.shape = s;
+    b.sinks = tok_sinks[i].second;
+    b.in = ins.back()->get();
+    b.body = batch_bodies.back()->as<uint8_t>();
+    blocks.push_back(b);
+  }
+  ASSERT_TRUE(ScalarQuantize(blocks, DType::kF32, ss, nullptr).ok());
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    DeviceScalarBlock b = blocks[i];
+    b.body = single_bodies[i]->as<uint8_t>();
+    ASSERT_TRUE(ScalarQuantize({&b, 1}, DType::kF32, ss, nullptr).ok());
+  }
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const size_t nb = size_t(ScalarBodyBytes(blocks[i].shape, blocks[i].sinks, ss));
+    const auto a = batch_bodies[i]->Download<uint8_t>();
+    const auto b = single_bodies[i]->Download<uint8_t>();
+    EXPECT_TRUE(std::equal(a.begin(), a.begin() + nb, b.begin())) << "block " << i;
+    EXPECT_EQ(batch_bodies[i]->GuardDamage(), 0u);
+  }
+}
+
+TEST(ScalarErrors, RejectsNonFiniteAndBadSpecs) {
+  VQKV_REQUIRE_GPU();
+  const KvShape s{1, 8, 2, 64};
+  std::vector<float> x = testing_data::RandomKv(s, 1);
+  x[s.Offset(0, 0, 5, 1) + 3] = std::numeric_limits<float>::infinity();
+  GuardedBuffer din(x.size() * 4), body(1 << 14);
+  din.Upload(x.data(), x.size() * 4);
+  DeviceScalarBlock b;
+  b.shape = s;
+  b.in = din.get();
+  b.body = body.as<uint8_t>();
+  EXPECT_TRUE(absl::IsInvalidArgument(ScalarQuantize({&b, 1}, DType::kF32, {2, 32}, nullptr)));
+  x[s.Offset(0, 0, 5, 1) + 3] = 1e9f;  // scale overflows fp16
+  din.Upload(x.data(), x.size() * 4);
+  EXPECT_TRUE(absl::IsInvalidArgument(ScalarQuantize({&b, 1}, DType::kF32, {2, 32}, nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(ScalarQuantize({&b, 1}, DType::kF32, {3, 32}, nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(ScalarQuantize({&b, 1}, DType::kF32, {2, 0}, nullptr)));
+}
+
+}  // namespace
+}  // namespace vqkv::kernels::cuda

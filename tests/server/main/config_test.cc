@@ -1,0 +1,80 @@
+#include "server/main/config.h"
+
+#include <cstdio>
+#include <fstream>
+
+#include "gtest/gtest.h"
+
+namespace vqkv::vqkvd {
+namespace {
+
+absl::StatusOr<Config> Parse(std::vector<std::string> args, bool* help = nullptr) {
+  std::vector<char*> argv = {const_cast<char*>("vqkvd")};
+  for (auto& a : args) argv.push_back(a.data());
+  bool h = false;
+  return ParseConfig(static_cast<int>(argv.size()), argv.data(), help ? help : &h);
+}
+
+TEST(ConfigTest, ParsesSizes) {
+  EXPECT_EQ(*ParseBytes("1048576"), 1 << 20);
+  EXPECT_EQ(*ParseBytes("512MiB"), int64_t{512} << 20);
+  EXPECT_EQ(*ParseBytes("2GiB"), int64_t{2} << 30);
+  EXPECT_EQ(*ParseBytes("1.5g"), int64_t{3} << 29);
+  EXPECT_EQ(*ParseBytes("64k"), 64 << 10);
+  EXPECT_FALSE(ParseBytes("lots").ok());
+  EXPECT_FALSE(ParseBytes("12parsecs").ok());
+}
+
+TEST(ConfigTest, DefaultsAreTheZeroConfigCpuSetup) {
+  auto c = Parse({});
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->listen, "127.0.0.1:50051");
+  EXPECT_TRUE(c->disk_dir.empty());
+  EXPECT_EQ(c->metrics_port, 0);
+}
+
+TEST(ConfigTest, FlagsOverrideYamlWhichOverridesDefaults) {
+  const std::string path = ::testing::TempDir() + "vqkvd_config_test.yaml";
+  std::ofstream(path) << "listen: 0.0.0.0:6000\nhost_tier_bytes: 1GiB\nlog-level: warn\n"
+                         "models:\n  - {id: llama, layers: 32, kv_heads: 8, head_dim: 128,\n"
+                         "     block_tokens: 256, codec: scalar-2}\n";
+  auto c = Parse({"--config=" + path, "--listen", "127.0.0.1:0", "--metrics_port=9100"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->listen, "127.0.0.1:0");
+  EXPECT_EQ(c->host_tier_bytes, int64_t{1} << 30);
+  EXPECT_EQ(c->log_level, "warn");
+  EXPECT_EQ(c->metrics_port, 9100);
+  ASSERT_EQ(c->models.size(), 1u);
+  EXPECT_EQ(c->models[0].model_id, "llama");
+  EXPECT_EQ(c->models[0].codec, "scalar-2");
+  EXPECT_EQ(c->models[0].dtype, "f16");
+  std::remove(path.c_str());
+}
+
+TEST(ConfigTest, RejectsUnknownAndMalformedInput) {
+  EXPECT_EQ(Parse({"--no-such-flag=1"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Parse({"--host-tier-bytes=lots"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Parse({"--metrics-port"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Parse({"stray"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Parse({"--config=/nonexistent.yaml"}).status().code(), absl::StatusCode::kNotFound);
+  Config c;
+  EXPECT_FALSE(ApplyYaml("listen: [1, 2]", &c).ok());
+  EXPECT_FALSE(ApplyYaml("bogus: 1", &c).ok());
+  EXPECT_FALSE(ApplyYaml("models:\n  - {id: x}\n", &c).ok());
+  EXPECT_FALSE(ApplyYaml("{unclosed", &c).ok());
+}
+
+TEST(ConfigTest, HelpListsEveryFlagWithItsDefault) {
+  bool help = false;
+  ASSERT_TRUE(Parse({"--help"}, &help).ok());
+  EXPECT_TRUE(help);
+  const std::string u = Usage();
+  for (const char* f : {"--listen", "--config", "--host-tier-bytes", "--disk-dir", "--metrics-port",
+                        "--log-level", "--max-inflight-bytes", "--shutdown-grace-seconds"}) {
+    EXPECT_NE(u.find(f), std::string::npos) << f;
+  }
+  EXPECT_NE(u.find("127.0.0.1:50051"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace vqkv::vqkvd
