@@ -2,6 +2,10 @@
 
 #include <cstring>
 
+#if defined(__SSE4_2__)
+#include <nmmintrin.h>
+#endif
+
 namespace vqkv {
 namespace {
 
@@ -106,10 +110,24 @@ std::string Sha256Hex(std::string_view data, int bytes) {
 }
 
 uint32_t Crc32c(std::string_view data, uint32_t crc) {
-  static const Crc32cTable table;
   const auto* p = reinterpret_cast<const uint8_t*>(data.data());
   size_t n = data.size();
   uint32_t c = ~crc;
+#if defined(__SSE4_2__)
+  // The crc32 instruction computes CRC32C (Castagnoli) directly.
+  uint64_t c64 = c;
+  while (n >= 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    c64 = _mm_crc32_u64(c64, v);
+    p += 8;
+    n -= 8;
+  }
+  c = static_cast<uint32_t>(c64);
+  while (n--) c = _mm_crc32_u8(c, *p++);
+  return ~c;
+#endif
+  static const Crc32cTable table;
   while (n >= 8) {
     uint64_t v;
     std::memcpy(&v, p, 8);

@@ -48,7 +48,32 @@ void CopySinks(const KvShape& s, int sinks, size_t esize, const char* block, cha
   }
 }
 
+// Index of the first NaN/Inf element (exponent bits all ones), or -1.
+int64_t FirstNonFinite(DType dt, const void* data, int64_t n) {
+  if (dt == DType::kF32) {
+    const auto* p = static_cast<const uint32_t*>(data);
+    for (int64_t i = 0; i < n; ++i) {
+      if ((p[i] & 0x7f800000u) == 0x7f800000u) return i;
+    }
+    return -1;
+  }
+  const uint16_t mask = dt == DType::kF16 ? 0x7c00 : 0x7f80;
+  const auto* p = static_cast<const uint16_t*>(data);
+  for (int64_t i = 0; i < n; ++i) {
+    if ((p[i] & mask) == mask) return i;
+  }
+  return -1;
+}
+
 }  // namespace
+
+absl::Status Codec::EncodeBodyBytes(const PayloadHeader&, const char*, std::string*) const {
+  return absl::UnimplementedError("codec has no byte-level encode");
+}
+
+absl::Status Codec::DecodeBodyBytes(const PayloadHeader&, std::string_view, char*) const {
+  return absl::UnimplementedError("codec has no byte-level decode");
+}
 
 std::string KvShape::DebugString() const {
   return absl::StrCat("[layers=", layers, ", 2, tokens=", tokens, ", kv_heads=", kv_heads,
@@ -208,13 +233,14 @@ absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks,
       return absl::InvalidArgumentError(absl::StrCat("block ", b, ": first_token must be >= 0"));
     }
     const int64_t n = blk.shape.elements();
-    x.resize(n);
-    ToFloat(blk.dtype, blk.data, n, x.data());
-    for (int64_t i = 0; i < n; ++i) {
-      if (!std::isfinite(x[i])) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("block ", b, ": value at element ", i, " is NaN or Inf"));
-      }
+    const bool bytes_path = BytePassthrough();
+    if (const int64_t bad = FirstNonFinite(blk.dtype, blk.data, n); bad >= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", b, ": value at element ", bad, " is NaN or Inf"));
+    }
+    if (!bytes_path) {
+      x.resize(n);
+      ToFloat(blk.dtype, blk.data, n, x.data());
     }
     const int sinks = SinksOf(spec_.sink_tokens, blk.first_token, blk.shape.tokens);
     PayloadHeader h{};
@@ -238,7 +264,11 @@ absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks,
       CopySinks(blk.shape, sinks, esize, static_cast<const char*>(blk.data),
                 payload.data() + sizeof h);
     }
-    VQKV_RETURN_IF_ERROR(EncodeBody(h, x.data(), &payload));
+    if (bytes_path) {
+      VQKV_RETURN_IF_ERROR(EncodeBodyBytes(h, static_cast<const char*>(blk.data), &payload));
+    } else {
+      VQKV_RETURN_IF_ERROR(EncodeBody(h, x.data(), &payload));
+    }
     encoded.push_back(std::move(payload));
   }
   for (auto& p : encoded) out->push_back(std::move(p));
@@ -278,8 +308,21 @@ absl::Status Codec::Decode(absl::Span<const std::string_view> payloads, DType ou
                                                      " bytes, expected ", want, " for shape ",
                                                      shape.DebugString()));
     }
-    x.assign(n, 0.f);
     const std::string_view body = payloads[b].substr(sizeof(PayloadHeader) + sink_bytes);
+    if (BytePassthrough() && out_dtype == in_dtype) {
+      char* o = static_cast<char*>(out[b]);
+      const size_t row_bytes = row * esize;
+      const char* sink_src = payloads[b].data() + sizeof(PayloadHeader);
+      for (int l = 0; l < shape.layers; ++l) {
+        for (int c = 0; c < 2; ++c) {
+          std::memcpy(o + shape.Offset(l, c, 0, 0) * esize,
+                      sink_src + (size_t(l) * 2 + c) * sinks * row_bytes, sinks * row_bytes);
+        }
+      }
+      VQKV_RETURN_IF_ERROR(DecodeBodyBytes(h, body, o));
+      continue;
+    }
+    x.assign(n, 0.f);
     VQKV_RETURN_IF_ERROR(DecodeBody(h, body, x.data()));
     if (sinks > 0) {
       sink_f.resize(size_t(shape.layers) * 2 * sinks * row);

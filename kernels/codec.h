@@ -107,6 +107,17 @@ class Codec {
   virtual absl::Status CheckShape(const KvShape& shape, int first_layer) const;
   virtual void FillHeader(PayloadHeader* h) const;
 
+  // Byte-level fast path for codecs that store the input as is (raw): when true, Encode checks
+  // finiteness on the raw bits and calls EncodeBodyBytes instead of converting to fp32, and
+  // Decode to the payload's own dtype calls DecodeBodyBytes.
+  virtual bool BytePassthrough() const { return false; }
+  // `block` is the whole input block in h.dtype.
+  virtual absl::Status EncodeBodyBytes(const PayloadHeader& h, const char* block,
+                                       std::string* body) const;
+  // Writes the non-sink tokens of `body` (h.dtype) into `out` (same dtype, block layout).
+  virtual absl::Status DecodeBodyBytes(const PayloadHeader& h, std::string_view body,
+                                       char* out) const;
+
   CodecSpec spec_;
 };
 

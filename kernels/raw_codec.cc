@@ -43,6 +43,40 @@ class RawCodec final : public Codec {
     }
     return absl::OkStatus();
   }
+  bool BytePassthrough() const override { return true; }
+
+  absl::Status EncodeBodyBytes(const PayloadHeader& h, const char* block,
+                               std::string* body) const override {
+    const KvShape s = HeaderShape(h);
+    const size_t esize = DTypeSize(static_cast<DType>(h.dtype));
+    const size_t plane = size_t(s.tokens - h.sink_tokens) * s.kv_heads * s.head_dim * esize;
+    const size_t off = body->size();
+    body->resize(off + 2 * s.layers * plane);
+    char* dst = body->data() + off;
+    for (int l = 0; l < s.layers; ++l) {
+      for (int c = 0; c < 2; ++c) {
+        std::memcpy(dst, block + s.Offset(l, c, h.sink_tokens, 0) * esize, plane);
+        dst += plane;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status DecodeBodyBytes(const PayloadHeader& h, std::string_view body,
+                               char* out) const override {
+    const KvShape s = HeaderShape(h);
+    const size_t esize = DTypeSize(static_cast<DType>(h.dtype));
+    const size_t plane = size_t(s.tokens - h.sink_tokens) * s.kv_heads * s.head_dim * esize;
+    const char* src = body.data();
+    for (int l = 0; l < s.layers; ++l) {
+      for (int c = 0; c < 2; ++c) {
+        std::memcpy(out + s.Offset(l, c, h.sink_tokens, 0) * esize, src, plane);
+        src += plane;
+      }
+    }
+    return absl::OkStatus();
+  }
+
   int64_t BodyBytes(const KvShape& s, int sinks, DType dtype, int) const override {
     return int64_t{s.layers} * 2 * (s.tokens - sinks) * s.kv_heads * s.head_dim * DTypeSize(dtype);
   }

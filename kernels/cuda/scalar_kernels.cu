@@ -147,6 +147,11 @@ __device__ __forceinline__ GroupParams MakeParams(float lo, float hi, int levels
   return g;
 }
 
+// Out of line so the compiler branches around it instead of predicating it into every element.
+__device__ __noinline__ int ExactRound(float a, float scale) {
+  return static_cast<int>(lroundf(a / scale));
+}
+
 // round((x - zero) / scale) half away from zero, clamped to [0, levels], equal to the CPU's
 // lround of the IEEE quotient. The quotient is taken as a product with 1/scale (within 4e-6 of
 // the IEEE quotient for |q| <= 16); only values within 1e-5 of a rounding boundary, where the two
@@ -161,7 +166,7 @@ __device__ __forceinline__ uint32_t Quant(float x, const GroupParams& g, float i
   if (fabsf(fr - 0.5f) > 1e-5f) {
     q = static_cast<int>(fl) + (fr > 0.5f ? 1 : 0);
   } else {
-    q = static_cast<int>(lroundf(a / g.scale));
+    q = ExactRound(a, g.scale);
   }
   q = q < 0 ? 0 : (q > levels ? levels : q);
   return static_cast<uint32_t>(q);
