@@ -22,24 +22,6 @@
 namespace vqkv::cli {
 namespace {
 
-int Fail(const absl::Status& st) {
-  std::fprintf(stderr, "error: %s\n", std::string(st.ToString()).c_str());
-  return st.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-}
-
-// Parses flags; returns -1 to continue, else an exit code.
-int ParseOrExit(Flags& f, int argc, char** argv) {
-  if (auto st = f.Parse(argc, argv, 2); !st.ok()) {
-    std::fprintf(stderr, "%s\n\n%s", std::string(st.message()).c_str(), f.Usage().c_str());
-    return 2;
-  }
-  if (f.help_requested()) {
-    std::printf("%s", f.Usage().c_str());
-    return 0;
-  }
-  return -1;
-}
-
 std::string Bytes(int64_t b) {
   if (b >= (int64_t{1} << 30)) return absl::StrFormat("%.2f GiB", double(b) / (1 << 30));
   if (b >= (int64_t{1} << 20)) return absl::StrFormat("%.2f MiB", double(b) / (1 << 20));

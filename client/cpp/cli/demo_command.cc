@@ -253,20 +253,9 @@ int RunDemo(int argc, char** argv) {
            {"k", "4x1024", "key stages x codebook size for the daemon's fit"},
            {"v", "4x512", "value stages x codebook size"},
            {"iters", "6", "Lloyd iterations per stage"}});
-  if (auto st = f.Parse(argc, argv, 2); !st.ok()) {
-    std::fprintf(stderr, "%s\n\n%s", std::string(st.message()).c_str(), f.Usage().c_str());
-    return 2;
-  }
-  if (f.help_requested()) {
-    std::printf("%s", f.Usage().c_str());
-    return 0;
-  }
+  if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Demo(f);
-  if (!st.ok()) {
-    std::fprintf(stderr, "error: %s\n", std::string(st.ToString()).c_str());
-    return 1;
-  }
-  return 0;
+  return st.ok() ? 0 : Fail(st);
 }
 
 }  // namespace vqkv::cli

@@ -222,22 +222,9 @@ int RunFidelity(int argc, char** argv) {
            {"per-head", "", "one codebook per KV head (default: shared by a layer's heads)", true},
            {"beam", "1", "> 1 adds the last rvq row again with beam search of this width"},
            {"markdown", "", "also write the table to this file"}});
-  int rc = -1;
-  if (auto st = f.Parse(argc, argv, 2); !st.ok()) {
-    std::fprintf(stderr, "%s\n\n%s", std::string(st.message()).c_str(), f.Usage().c_str());
-    return 2;
-  }
-  if (f.help_requested()) {
-    std::printf("%s", f.Usage().c_str());
-    return 0;
-  }
+  if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Fidelity(f);
-  if (!st.ok()) {
-    std::fprintf(stderr, "error: %s\n", std::string(st.ToString()).c_str());
-    rc = st.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-    return rc;
-  }
-  return 0;
+  return st.ok() ? 0 : Fail(st);
 }
 
 }  // namespace vqkv::cli

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 
 #include "absl/strings/numbers.h"
@@ -86,6 +87,23 @@ absl::StatusOr<double> Flags::Double(const std::string& name) const {
 bool Flags::Bool(const std::string& name) const {
   const std::string& v = values_.at(name);
   return v == "true" || v == "1" || v == "yes";
+}
+
+int ParseOrExit(Flags& f, int argc, char** argv) {
+  if (auto st = f.Parse(argc, argv, 2); !st.ok()) {
+    std::fprintf(stderr, "%s\n\n%s", std::string(st.message()).c_str(), f.Usage().c_str());
+    return 2;
+  }
+  if (f.help_requested()) {
+    std::printf("%s", f.Usage().c_str());
+    return 0;
+  }
+  return -1;
+}
+
+int Fail(const absl::Status& st) {
+  std::fprintf(stderr, "error: %s\n", std::string(st.ToString()).c_str());
+  return st.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
 }
 
 namespace {

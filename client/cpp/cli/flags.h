@@ -41,6 +41,12 @@ class Flags {
   bool help_ = false;
 };
 
+// Parses argv[2..] into `f`: prints usage and returns 2 on a bad flag, prints usage and returns 0
+// for --help, returns -1 when the command should run.
+int ParseOrExit(Flags& f, int argc, char** argv);
+// Prints "error: ..." and returns the exit code for `st` (2 for InvalidArgument, else 1).
+int Fail(const absl::Status& st);
+
 // "../shared/models/tinystories-656k" relative to the working directory or the executable's
 // source checkout, when it exists; "" otherwise.
 std::string DefaultModelDir();

@@ -45,23 +45,6 @@ std::vector<FlagSpec> CommonFlags(std::vector<FlagSpec> more, bool geometry) {
   return f;
 }
 
-int Fail(const absl::Status& st) {
-  std::fprintf(stderr, "error: %s\n", st.ToString().c_str());
-  return st.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-}
-
-int ParseOrExit(Flags& f, int argc, char** argv) {
-  if (auto st = f.Parse(argc, argv, 2); !st.ok()) {
-    std::fprintf(stderr, "%s\n\n%s", std::string(st.message()).c_str(), f.Usage().c_str());
-    return 2;
-  }
-  if (f.help_requested()) {
-    std::printf("%s", f.Usage().c_str());
-    return 0;
-  }
-  return -1;
-}
-
 absl::StatusOr<std::unique_ptr<client::Client>> Connect(const Flags& f, bool own_conn = false) {
   client::ClientOptions o;
   o.target = f.Str("target");
