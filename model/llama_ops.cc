@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "common/parallel.h"
 
@@ -28,17 +29,63 @@ int64_t MinChunk(int64_t cost_per_item) {
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, cost_per_item));
 }
 
+// y[kTileT rows (stride ldy), 4 cols] = x[kTileT rows, in] . w[4 rows, in]^T (+ b);
+// in % 8 == 0. 3 x 4 accumulators plus 4 W vectors fill AVX2's 16 registers (x is read as a
+// memory operand); measured faster than 2 x 4 and than 4 x 4 (which spills).
+constexpr int kTileT = 3;
+using V8 = float __attribute__((vector_size(32)));
+inline V8 Load8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline float Sum8(V8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+void Tile(const float* x, const float* w, int in, const float* b, float* y, int64_t ldy) {
+  V8 acc[kTileT][4] = {};
+  for (int i = 0; i < in; i += 8) {
+    V8 wv[4];
+    for (int c = 0; c < 4; ++c) wv[c] = Load8(w + static_cast<int64_t>(c) * in + i);
+    for (int r = 0; r < kTileT; ++r) {
+      const V8 xv = Load8(x + static_cast<int64_t>(r) * in + i);
+      for (int c = 0; c < 4; ++c) acc[r][c] += xv * wv[c];
+    }
+  }
+  for (int r = 0; r < kTileT; ++r) {
+    for (int c = 0; c < 4; ++c) y[r * ldy + c] = Sum8(acc[r][c]) + (b ? b[c] : 0.0f);
+  }
+}
+
 }  // namespace
 
 void LinearForward(const float* x, int n, const float* w, const float* b, int in, int out,
                    float* y) {
   // Threads split the output features so each streams its own slice of W once per token
-  // block; token blocks keep the x rows hot in cache.
+  // block; token blocks keep the x rows hot in cache. Inside, kTileT tokens x 4 outputs are
+  // computed together so that each loaded 8-float vector feeds several multiply-adds (a plain dot
+  // product per output is load-bound and made a 2k-token prefill take about a minute).
   constexpr int kTokenBlock = 32;
   ParallelFor(out, MinChunk(static_cast<int64_t>(n) * in), [&](int64_t ob, int64_t oe) {
     for (int t0 = 0; t0 < n; t0 += kTokenBlock) {
       const int t1 = std::min(n, t0 + kTokenBlock);
-      for (int64_t o = ob; o < oe; ++o) {
+      int64_t o = ob;
+      if (in % 8 == 0) {
+        for (; o + 4 <= oe; o += 4) {
+          int t = t0;
+          for (; t + kTileT <= t1; t += kTileT) {
+            Tile(x + static_cast<int64_t>(t) * in, w + o * in, in, b ? b + o : nullptr,
+                 y + static_cast<int64_t>(t) * out + o, out);
+          }
+          for (; t < t1; ++t) {
+            for (int64_t k = o; k < o + 4; ++k) {
+              y[static_cast<int64_t>(t) * out + k] =
+                  Dot(x + static_cast<int64_t>(t) * in, w + k * in, in) + (b ? b[k] : 0.0f);
+            }
+          }
+        }
+      }
+      for (; o < oe; ++o) {
         const float* wr = w + o * in;
         const float bias = b ? b[o] : 0.0f;
         for (int t = t0; t < t1; ++t) {

@@ -5,6 +5,8 @@
 #include <tuple>
 #include <utility>
 
+#include "model/byte_level.h"
+
 namespace vqkv::model {
 namespace {
 
@@ -207,6 +209,10 @@ std::vector<int> Tokenizer::Encode(const std::string& text, bool add_bos) const 
     for (const Piece& q : SplitOnAdded({{Normalize(p.text), -1}}, /*normalized=*/true)) {
       if (q.id >= 0) {
         ids.push_back(q.id);
+      } else if (byte_level_) {
+        for (const std::string& w : ByteLevelPreTokenize(q.text, split_digits_)) {
+          EncodeWord(w, &ids);
+        }
       } else {
         EncodeWord(q.text, &ids);
       }
@@ -293,7 +299,7 @@ std::string Tokenizer::Decode(const std::vector<int>& ids) const {
   }
   std::string text;
   for (const std::string& t : toks) text += t;
-  return text;
+  return byte_level_ ? ByteLevelDecode(text) : text;
 }
 
 std::string Tokenizer::IdToToken(int id) const {

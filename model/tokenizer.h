@@ -1,7 +1,9 @@
 // A Hugging Face tokenizer.json BPE tokenizer (the SentencePiece-style "LLaMA" flavour):
 // normalizer Prepend/Replace, no pre-tokenizer, merges by priority, byte fallback, added
 // (special) tokens, and the Replace/ByteFallback/Fuse/Strip decoder chain. Other tokenizer
-// families (byte-level BPE, WordPiece, Unigram) are rejected at Load() with Unimplemented.
+// families (WordPiece, Unigram, and byte-level BPE in tokenizer.json) are rejected at Load() with
+// Unimplemented. GPT-2 style byte-level BPE is built from GGUF metadata by LoadGgufTokenizer
+// (model/gguf_tokenizer.h).
 // Thread-safety: a Tokenizer is immutable after Load(); all methods are const and may be called
 // from any number of threads.
 #pragma once
@@ -53,6 +55,7 @@ class Tokenizer {
 
  private:
   friend class TokenizerLoader;
+  friend class GgufTokenizerLoader;
 
   struct AddedToken {
     std::string content;
@@ -108,6 +111,10 @@ class Tokenizer {
   int eos_id_ = -1;
   int prepend_token_id_ = -1;
   int byte_token_id_[256] = {};  // id of "<0xXX>" or -1 (set by Load)
+  // GPT-2 byte-level BPE (model/byte_level.h): words come from ByteLevelPreTokenize and
+  // Decode() maps the byte alphabet back to bytes.
+  bool byte_level_ = false;
+  bool split_digits_ = false;  // byte-level only: every digit is a word of its own
 };
 
 }  // namespace vqkv::model

@@ -6,7 +6,7 @@ VQKV_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev libyaml-cpp-dev nlohmann-json3-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-numpy python3-grpcio python3-pytest
+  python3 python3-numpy python3-grpcio python3-pytest python3-pip
   redis-server libhiredis-dev etcd-server etcd-client
   procps
 )

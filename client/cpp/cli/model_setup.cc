@@ -1,7 +1,10 @@
 #include "client/cpp/cli/model_setup.h"
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "model/gguf_model.h"
+#include "model/gguf_tokenizer.h"
 #include "model/text_data.h"
 
 namespace vqkv::cli {
@@ -18,9 +21,24 @@ absl::StatusOr<ModelSetup> LoadModelSetup(const std::string& model_dir,
     return absl::NotFoundError(
         "no text: ../shared/data/tinystories/valid-dev.txt was not found; pass --text FILE");
   }
-  auto m = model::LlamaModel::Load(model_dir);
+  // A .gguf file carries config, weights and tokenizer; a folder holds HF files.
+  const bool gguf = absl::EndsWith(model_dir, ".gguf");
+  absl::StatusOr<model::LlamaModel> m = absl::UnknownError("unset");
+  absl::StatusOr<model::Tokenizer> tok = absl::UnknownError("unset");
+  if (gguf) {
+    auto file = model::GgufFile::Open(model_dir);
+    if (!file.ok()) return file.status();
+    auto config = model::LlamaConfigFromGguf(*file);
+    if (!config.ok()) return config.status();
+    auto weights = model::LlamaWeightsFromGguf(*file, *config);
+    if (!weights.ok()) return weights.status();
+    m = model::LlamaModel::Create(std::move(*config), std::move(*weights));
+    tok = model::LoadGgufTokenizer(*file);
+  } else {
+    m = model::LlamaModel::Load(model_dir);
+    tok = model::Tokenizer::Load(model_dir + "/tokenizer.json");
+  }
   if (!m.ok()) return m.status();
-  auto tok = model::Tokenizer::Load(model_dir + "/tokenizer.json");
   if (!tok.ok()) return tok.status();
   auto stories = model::LoadStories(text_path);
   if (!stories.ok()) return stories.status();

@@ -19,7 +19,8 @@ struct ModelSetup {
   std::vector<std::string> stories;
 };
 
-// Loads `model_dir` (config.json, model.safetensors, tokenizer.json) and the stories of
+// Loads `model_dir` (config.json, model.safetensors, tokenizer.json; or a LLaMA-architecture
+// .gguf file, see model/gguf_model.h) and the stories of
 // `text_path`. NotFound with a hint naming --model/--text when either is missing.
 absl::StatusOr<ModelSetup> LoadModelSetup(const std::string& model_dir,
                                           const std::string& text_path);
