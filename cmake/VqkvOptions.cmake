@@ -7,7 +7,7 @@ endif()
 
 function(vqkv_target_defaults target)
   target_compile_options(${target} PRIVATE
-    $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Werror -Wno-sign-compare>)
+    $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Werror -Wno-sign-compare -Wno-psabi>)
   if(CMAKE_BUILD_TYPE MATCHES "Rel")
     target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-O3 -march=x86-64-v3>)
   endif()
