@@ -153,6 +153,35 @@ TEST(RvqCodecTest, RejectsShapeMismatchAndForeignCodebook) {
   EXPECT_EQ(other->DecodeToFloat(out[0]).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+TEST(RvqCodecTest, LayerRangeBlocksMatchTheWholeBlock) {
+  // A block holding layer 1 alone (first_layer = 1) is coded with layer 1's codebooks: its
+  // reconstruction equals layer 1 of the whole block's.
+  const KvShape s{2, 48, 2, 16};
+  const auto x = testing::RandomKv(s, 19);
+  RvqConfig cfg = RvqConfig::Uniform(2, 2, 16, {3, 32}, {2, 32});
+  cfg.k[1] = {1, 8};  // different stages per layer make a wrong layer choice visible
+  FitOptions opts;
+  opts.iterations = 4;
+  auto cb = std::make_shared<const Codebook>(*FitCodebook(cfg, testing::SamplesFrom(s, x), opts));
+  CodecSpec spec;
+  spec.name = "rvq";
+  spec.codebook = cb;
+  auto codec = *CreateCodec(spec);
+  std::vector<std::string> whole, part;
+  ASSERT_TRUE(codec->Encode({{s, DType::kF32, x.data(), 0, 0}}, &whole).ok());
+  const KvShape one{1, 48, 2, 16};
+  const std::vector<float> layer1(x.begin() + s.Offset(1, 0, 0, 0), x.end());
+  ASSERT_TRUE(codec->Encode({{one, DType::kF32, layer1.data(), 0, 1}}, &part).ok());
+  EXPECT_EQ(int64_t(part[0].size()), codec->PayloadBytes(one, DType::kF32, 0, 1));
+  const auto a = *codec->DecodeToFloat(whole[0]);
+  const auto b = *codec->DecodeToFloat(part[0]);
+  ASSERT_EQ(b.size(), layer1.size());
+  for (size_t i = 0; i < b.size(); ++i) ASSERT_EQ(a[s.Offset(1, 0, 0, 0) + i], b[i]) << i;
+  // Past the codebook's layers is an error naming the mismatch.
+  EXPECT_EQ(codec->Encode({{one, DType::kF32, layer1.data(), 0, 2}}, &part).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(RvqFitTest, SameSeedSameCodebook) {
   const KvShape s{1, 128, 2, 16};
   const auto x = testing::RandomKv(s, 17);
