@@ -149,7 +149,7 @@ absl::Status Capture(const Flags& f) {
 
 int RunCapture(int argc, char** argv) {
   Flags f("capture", "Run the model over stories and save post-RoPE K, V and Q as a samples file.",
-          {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder"},
+          {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
            {"text", DefaultTextPath(), "text file of stories separated by <|endoftext|>"},
            {"part", "first-half", "which stories: first-half, second-half or all"},
            {"max-tokens", "512", "truncate each sequence"},

@@ -244,7 +244,7 @@ int RunDemo(int argc, char** argv) {
           "Service demo against a running vqkvd: register, fit, put real model KV, lookup, get, "
           "measure.",
           {{"target", "127.0.0.1:50051", "vqkvd address"},
-           {"model", DefaultModelDir(), "LLaMA-architecture safetensors folder"},
+           {"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
            {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
            {"model-id", "tinystories-656k", "model id to register"},
            {"stories", "8", "evaluation stories to store and fetch"},

@@ -204,7 +204,7 @@ int RunFidelity(int argc, char** argv) {
           "Fit rvq codebooks on the first half of a text's stories and compare raw, scalar-2/4 and "
           "rvq on the second "
           "half with the real model (K/V error, attention error, perplexity, top-1 agreement, KL).",
-          {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder"},
+          {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
            {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
            {"max-tokens", "512", "truncate each story"},
            {"per-story", "",
