@@ -9,25 +9,16 @@
 #include "absl/strings/str_cat.h"
 #include "common/hash.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/dtype_convert.h"
 #include "vqkv/v1/vqkv.grpc.pb.h"
 
 namespace vqkv::client {
 namespace {
 
+using ::vqkv::proto::ToProto;
+
 constexpr int kMaxMessageBytes = 64 << 20;
 constexpr char kRetryAfterMetadata[] = "vqkv-retry-after-ms";
-
-v1::DType ToProto(DType d) {
-  switch (d) {
-    case DType::kF32:
-      return v1::DTYPE_F32;
-    case DType::kF16:
-      return v1::DTYPE_F16;
-    case DType::kBF16:
-      return v1::DTYPE_BF16;
-  }
-  return v1::DTYPE_UNSPECIFIED;
-}
 
 absl::Status FromGrpc(const grpc::Status& s) {
   if (s.ok()) return absl::OkStatus();

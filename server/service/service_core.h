@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/dtype.h"
+#include "proto/dtype_convert.h"
 #include "server/service/byte_budget.h"
 #include "server/service/handler.h"
 #include "server/service/model_registry.h"
@@ -28,9 +29,9 @@ struct ServiceCore {
   const absl::Time start_time = absl::Now();
 };
 
-// vqkv.v1.DType -> DType; DTYPE_UNSPECIFIED gives `fallback`. InvalidArgument for unknown values.
-absl::StatusOr<DType> FromProto(v1::DType d, DType fallback);
-v1::DType ToProto(DType d);
+// dtype conversions live in proto/dtype_convert.h.
+using ::vqkv::proto::FromProto;
+using ::vqkv::proto::ToProto;
 
 // "default" for an empty tenant; InvalidArgument when longer than 256 bytes.
 absl::StatusOr<std::string> TenantOf(const std::string& tenant);

@@ -11,33 +11,6 @@
 
 namespace vqkv::service {
 
-absl::StatusOr<DType> FromProto(v1::DType d, DType fallback) {
-  switch (d) {
-    case v1::DTYPE_UNSPECIFIED:
-      return fallback;
-    case v1::DTYPE_F32:
-      return DType::kF32;
-    case v1::DTYPE_F16:
-      return DType::kF16;
-    case v1::DTYPE_BF16:
-      return DType::kBF16;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("unknown dtype ", static_cast<int>(d)));
-  }
-}
-
-v1::DType ToProto(DType d) {
-  switch (d) {
-    case DType::kF32:
-      return v1::DTYPE_F32;
-    case DType::kF16:
-      return v1::DTYPE_F16;
-    case DType::kBF16:
-      return v1::DTYPE_BF16;
-  }
-  return v1::DTYPE_UNSPECIFIED;
-}
-
 absl::StatusOr<std::string> TenantOf(const std::string& tenant) {
   if (tenant.size() > 256) return absl::InvalidArgumentError("tenant longer than 256 bytes");
   return tenant.empty() ? std::string("default") : tenant;
