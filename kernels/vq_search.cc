@@ -3,8 +3,11 @@
 #include <algorithm>
 #include <limits>
 #include <numeric>
+#include <type_traits>
+#include <vector>
 
 #include "common/parallel.h"
+#include "common/simd.h"
 
 namespace vqkv::kernels {
 namespace {
@@ -81,12 +84,110 @@ void NearestRange(const float* r, int64_t begin, int64_t end, int dim, const flo
   }
 }
 
+// Codewords per tile of the transposed search: 3 vectors of 8.
+constexpr int kCodeTile = 24;
+
+// Nearest codeword of R rows using the table transposed to [dim][ldc] (zero padded) and norms
+// padded with +inf to ldc: each step broadcasts one residual value against 24 codewords, so
+// 4 rows x 3 vectors of accumulators plus 3 loads and a broadcast fill AVX2's 16 registers and
+// no horizontal sums are needed. Per lane, strict < keeps the lowest index among equal
+// distances; the final lane reduction does the same.
+template <int R>
+void NearestTileRows(const float* const* rows, int dim, const float* table_t, const float* norms,
+                     int64_t ldc, int32_t* idx, float* best_out) {
+  using simd::I8;
+  using simd::V8;
+  V8 best[R];
+  I8 arg[R];
+  for (int r = 0; r < R; ++r) {
+    best[r] = V8{} + std::numeric_limits<float>::infinity();
+    arg[r] = I8{};
+  }
+  const I8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int64_t j0 = 0; j0 < ldc; j0 += kCodeTile) {
+    V8 acc[R][3] = {};
+    for (int d = 0; d < dim; ++d) {
+      const float* ct = table_t + d * ldc + j0;
+      const V8 c0 = simd::Load8(ct), c1 = simd::Load8(ct + 8), c2 = simd::Load8(ct + 16);
+      for (int r = 0; r < R; ++r) {
+        const float rv = rows[r][d];
+        acc[r][0] += rv * c0;
+        acc[r][1] += rv * c1;
+        acc[r][2] += rv * c2;
+      }
+    }
+    for (int c = 0; c < 3; ++c) {
+      const V8 n = simd::Load8(norms + j0 + 8 * c);
+      const I8 j = lane + static_cast<int32_t>(j0 + 8 * c);
+      for (int r = 0; r < R; ++r) {
+        const V8 dv = n - 2.0f * acc[r][c];
+        const I8 better = dv < best[r];
+        best[r] = simd::Select(better, dv, best[r]);
+        arg[r] = simd::Select(better, j, arg[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float b = best[r][0];
+    int32_t a = arg[r][0];
+    for (int l = 1; l < 8; ++l) {
+      if (best[r][l] < b || (best[r][l] == b && arg[r][l] < a)) {
+        b = best[r][l];
+        a = arg[r][l];
+      }
+    }
+    idx[r] = a;
+    best_out[r] = b;
+  }
+}
+
+void NearestRangeTransposed(const float* r, int64_t begin, int64_t end, int dim,
+                            const float* table_t, const float* norms, int64_t ldc, int32_t* idx,
+                            float* dist) {
+  auto run = [&](int64_t i, auto rn) {
+    constexpr int R = decltype(rn)::value;
+    const float* rows[R];
+    for (int k = 0; k < R; ++k) rows[k] = r + (i + k) * dim;
+    float best[R];
+    NearestTileRows<R>(rows, dim, table_t, norms, ldc, idx + i, best);
+    if (dist) {
+      for (int k = 0; k < R; ++k) dist[i + k] = std::max(0.f, best[k] + Dot(rows[k], rows[k], dim));
+    }
+  };
+  int64_t i = begin;
+  for (; i + 4 <= end; i += 4) run(i, std::integral_constant<int, 4>());
+  switch (end - i) {
+    case 3:
+      run(i, std::integral_constant<int, 3>());
+      break;
+    case 2:
+      run(i, std::integral_constant<int, 2>());
+      break;
+    case 1:
+      run(i, std::integral_constant<int, 1>());
+      break;
+    default:
+      break;
+  }
+}
+
 }  // namespace
 
 void NearestCodewords(const float* r, int64_t n, int dim, const float* table, const float* norms,
                       int size, int32_t* idx, float* dist, bool parallel) {
-  if (!parallel) {
+  if (n < 8) {  // too few rows to pay for the transpose
     NearestRange(r, 0, n, dim, table, norms, size, idx, dist);
+    return;
+  }
+  const int64_t ldc = (int64_t{size} + kCodeTile - 1) / kCodeTile * kCodeTile;
+  std::vector<float> table_t(static_cast<size_t>(dim) * ldc, 0.0f);
+  std::vector<float> norms_pad(ldc, std::numeric_limits<float>::infinity());
+  for (int j = 0; j < size; ++j) {
+    for (int d = 0; d < dim; ++d) table_t[d * ldc + j] = table[int64_t{j} * dim + d];
+    norms_pad[j] = norms[j];
+  }
+  if (!parallel) {
+    NearestRangeTransposed(r, 0, n, dim, table_t.data(), norms_pad.data(), ldc, idx, dist);
     return;
   }
   // Aim for chunks of at least ~4 MFLOP so thread start-up stays negligible.
@@ -94,7 +195,7 @@ void NearestCodewords(const float* r, int64_t n, int dim, const float* table, co
   const int64_t min_chunk =
       std::max<int64_t>(4, (int64_t{4} << 20) / std::max<int64_t>(1, per_row));
   ParallelFor(n, min_chunk, [&](int64_t b, int64_t e) {
-    NearestRange(r, b, e, dim, table, norms, size, idx, dist);
+    NearestRangeTransposed(r, b, e, dim, table_t.data(), norms_pad.data(), ldc, idx, dist);
   });
 }
 

@@ -40,6 +40,20 @@ absl::StatusOr<std::vector<double>> ParseBudgets(const std::string& s) {
   return out;
 }
 
+absl::StatusOr<std::vector<int64_t>> ParseContexts(const std::string& s, int64_t fallback) {
+  std::vector<int64_t> out;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    int64_t v;
+    if (!absl::SimpleAtoi(p, &v) || v < 64) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--contexts: '", std::string(p), "' is not a token count >= 64"));
+    }
+    out.push_back(v);
+  }
+  if (out.empty()) out.push_back(fallback);
+  return out;
+}
+
 std::string SplitText(const kernels::RvqConfig& c) { return c.ToString(); }
 
 absl::Status Fidelity(const Flags& f) {
@@ -51,7 +65,19 @@ absl::Status Fidelity(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t sinks, f.Int("sinks"));
   VQKV_ASSIGN_OR_RETURN(int64_t recent, f.Int("recent"));
   VQKV_ASSIGN_OR_RETURN(int64_t beam, f.Int("beam"));
+  VQKV_ASSIGN_OR_RETURN(int64_t eval_tokens, f.Int("eval-tokens"));
+  double calib_fraction = 0;
+  if (!absl::SimpleAtod(f.Str("calib-fraction"), &calib_fraction) || calib_fraction <= 0 ||
+      calib_fraction >= 1) {
+    return absl::InvalidArgumentError("--calib-fraction must be a number in (0, 1)");
+  }
+  VQKV_ASSIGN_OR_RETURN(int64_t attn_queries, f.Int("attn-queries"));
   VQKV_ASSIGN_OR_RETURN(std::vector<double> budgets, ParseBudgets(f.Str("budgets")));
+  VQKV_ASSIGN_OR_RETURN(std::vector<int64_t> contexts,
+                        ParseContexts(f.Str("contexts"), max_tokens));
+  if (eval_tokens < 0 || attn_queries < 0) {
+    return absl::InvalidArgumentError("--eval-tokens and --attn-queries must be >= 0");
+  }
   const bool pack = !f.Bool("per-story");
   const std::vector<std::string> paper = absl::StrSplit(f.Str("paper"), ',');
   if (paper.size() != 2)
@@ -62,6 +88,7 @@ absl::Status Fidelity(const Flags& f) {
   eval::EvalOptions eo;
   eo.sink_tokens = int(sinks);
   eo.recent_tokens = int(recent);
+  eo.max_attention_queries = attn_queries;
   kernels::FitOptions fo;
   fo.iterations = int(iters);
   fo.max_vectors = max_vectors;
@@ -76,27 +103,53 @@ absl::Status Fidelity(const Flags& f) {
         std::string(setup.status().message()).c_str());
   }
   kernels::KvSamples calib;
-  eval::Corpus eval_corpus;
-  eval::Reference ref;
+  std::vector<eval::Corpus> eval_corpora;  // one per context
   kernels::KvSamples synth_eval;
   if (!synthetic) {
-    auto first = SelectPart(setup->stories, "first-half");
-    auto second = SelectPart(setup->stories, "second-half");
+    // Calibration stories first, evaluation stories after: no story is in both.
+    const size_t split =
+        std::clamp<size_t>(size_t(std::lround(calib_fraction * double(setup->stories.size()))), 1,
+                           setup->stories.size() - 1);
+    const std::vector<std::string> first_part(setup->stories.begin(),
+                                              setup->stories.begin() + split);
+    const std::vector<std::string> second_part(setup->stories.begin() + split,
+                                               setup->stories.end());
+    const auto* first = &first_part;
+    const auto* second = &second_part;
     const eval::Corpus calib_corpus = eval::BuildCorpus(
         setup->tokenizer, *first, int(max_tokens), int(sinks + recent + 8), int(calib_seqs), pack);
-    eval_corpus = eval::BuildCorpus(setup->tokenizer, *second, int(max_tokens),
-                                    int(sinks + recent + 8), int(eval_seqs), pack);
-    std::fprintf(stderr, "model %s: %d layers, %d KV heads, head_dim %d\n",
+    std::fprintf(stderr, "model %s: %d layers, %d KV heads, head_dim %d, context %d\n",
                  setup->model_dir.c_str(), setup->model.config().num_hidden_layers,
-                 setup->model.config().num_key_value_heads, setup->model.config().head_dim);
-    std::fprintf(stderr,
-                 "calibration: %zu sequences, %lld tokens (first half); evaluation: %zu sequences, "
-                 "%lld tokens "
-                 "(second half)\n",
-                 calib_corpus.seqs.size(), (long long)calib_corpus.tokens(),
-                 eval_corpus.seqs.size(), (long long)eval_corpus.tokens());
+                 setup->model.config().num_key_value_heads, setup->model.config().head_dim,
+                 setup->model.config().max_position_embeddings);
+    std::fprintf(stderr, "calibration: %zu sequences, %lld tokens (first %zu of %zu stories)\n",
+                 calib_corpus.seqs.size(), (long long)calib_corpus.tokens(), split,
+                 setup->stories.size());
+    for (int64_t ctx : contexts) {
+      if (ctx > setup->model.config().max_position_embeddings) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--contexts: ", ctx, " exceeds the model's context ",
+                         setup->model.config().max_position_embeddings));
+      }
+      // Packed contexts must be nearly full to measure that length; per-story ones need only
+      // more tokens than the exact sinks and recent window.
+      const int min_tokens =
+          pack ? int(std::max<int64_t>(sinks + recent + 8, ctx * 3 / 4)) : int(sinks + recent + 8);
+      const int64_t seqs = eval_tokens > 0 ? std::max<int64_t>(1, eval_tokens / ctx) : eval_seqs;
+      eval_corpora.push_back(
+          eval::BuildCorpus(setup->tokenizer, *second, int(ctx), min_tokens, int(seqs), pack));
+      if (eval_corpora.back().seqs.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the evaluation stories have no ", pack ? "packed context" : "story", " of ",
+            min_tokens, "+ tokens for context ", ctx, "; give --text a longer file"));
+      }
+      std::fprintf(
+          stderr, "evaluation at context %lld: %zu sequences, %lld tokens (the other stories)\n",
+          (long long)ctx, eval_corpora.back().seqs.size(), (long long)eval_corpora.back().tokens());
+    }
+    ProgressBar cbar("capture", 1);
     VQKV_ASSIGN_OR_RETURN(calib, eval::CaptureSamples(setup->model, calib_corpus));
-    VQKV_ASSIGN_OR_RETURN(ref, eval::ComputeReference(setup->model, eval_corpus));
+    cbar.Finish(absl::StrCat("captured K/V/Q of ", calib.tokens(0), " calibration tokens"));
   } else {
     calib = eval::SyntheticSamples(2, 4, 8, 16, 24, 256, 1);
     synth_eval = eval::SyntheticSamples(2, 4, 8, 16, 16, 256, 2);
@@ -159,24 +212,35 @@ absl::Status Fidelity(const Flags& f) {
   }
 
   std::vector<eval::EvalRow> rows;
-  ProgressBar ebar("eval", int64_t(cands.size()));
-  for (size_t i = 0; i < cands.size(); ++i) {
-    VQKV_ASSIGN_OR_RETURN(kernels::CodecSpec spec, kernels::ParseCodecSpec(cands[i].spec));
-    spec.sink_tokens = int(sinks);
-    spec.codebook = cands[i].codebook;
-    VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> codec, kernels::CreateCodec(spec));
-    const int64_t cb_bytes = cands[i].codebook ? cands[i].codebook->config().CodebookBytes() : 0;
-    eval::EvalRow row;
-    if (synthetic) {
-      VQKV_ASSIGN_OR_RETURN(row, eval::EvaluateOnSamples(synth_eval, *codec, cb_bytes, eo));
-      row.codec = absl::StrCat("SYNTHETIC ", row.codec);
-    } else {
-      VQKV_ASSIGN_OR_RETURN(row,
-                            eval::Evaluate(setup->model, eval_corpus, ref, *codec, cb_bytes, eo));
+  const size_t n_ctx = synthetic ? 1 : eval_corpora.size();
+  ProgressBar ebar("eval", int64_t(cands.size() * n_ctx));
+  for (size_t ci = 0; ci < n_ctx; ++ci) {
+    eval::Reference ref;
+    if (!synthetic) {
+      ebar.Update(int64_t(ci * cands.size()), absl::StrCat("reference, context ", contexts[ci]));
+      VQKV_ASSIGN_OR_RETURN(ref, eval::ComputeReference(setup->model, eval_corpora[ci]));
     }
-    row.split = cands[i].split;
-    rows.push_back(std::move(row));
-    ebar.Update(int64_t(i) + 1, rows.back().codec);
+    for (size_t i = 0; i < cands.size(); ++i) {
+      VQKV_ASSIGN_OR_RETURN(kernels::CodecSpec spec, kernels::ParseCodecSpec(cands[i].spec));
+      spec.sink_tokens = int(sinks);
+      spec.codebook = cands[i].codebook;
+      VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> codec, kernels::CreateCodec(spec));
+      const int64_t cb_bytes = cands[i].codebook ? cands[i].codebook->config().CodebookBytes() : 0;
+      eval::EvalRow row;
+      if (synthetic) {
+        VQKV_ASSIGN_OR_RETURN(row, eval::EvaluateOnSamples(synth_eval, *codec, cb_bytes, eo));
+        row.codec = absl::StrCat("SYNTHETIC ", row.codec);
+      } else {
+        VQKV_ASSIGN_OR_RETURN(
+            row, eval::Evaluate(setup->model, eval_corpora[ci], ref, *codec, cb_bytes, eo));
+        if (contexts.size() > 1) row.context = contexts[ci];
+      }
+      row.split = cands[i].split;
+      rows.push_back(std::move(row));
+      ebar.Update(
+          int64_t(ci * cands.size() + i) + 1,
+          absl::StrCat(rows.back().codec, synthetic ? "" : absl::StrCat(" @", contexts[ci])));
+    }
   }
   ebar.Finish();
   const std::string table = eval::FormatTable(rows);
@@ -184,14 +248,22 @@ absl::Status Fidelity(const Flags& f) {
               synthetic ? "SYNTHETIC K/V (no model found) -- not a model measurement\n" : "",
               table.c_str());
   if (!synthetic) {
+    for (const auto& r : rows) {
+      if (r.codec == "raw" || r.codec.rfind("raw", 0) == 0) {
+        std::printf(
+            "context %lld: reference perplexity (fp32 cache) %.3f over %lld scored "
+            "predictions\n",
+            (long long)r.context, r.ppl_ref, (long long)r.scored);
+      }
+    }
     std::printf(
-        "reference perplexity (fp32 cache) %.3f over %lld scored predictions; positions >= sinks + "
-        "recent "
-        "(%lld) scored; bits/element on an fp16 basis with headers, sinks and codebooks amortised "
-        "over %lld "
-        "tokens.\n",
-        rows[0].ppl_ref, (long long)rows[0].scored, (long long)(sinks + recent),
-        (long long)eo.amortise_tokens);
+        "positions >= sinks + recent (%lld) scored; bits/element on an fp16 basis with headers, "
+        "sinks and codebooks amortised over %lld tokens%s.\n",
+        (long long)(sinks + recent), (long long)eo.amortise_tokens,
+        attn_queries > 0 ? absl::StrCat("; attention metrics on <= ", attn_queries,
+                                        " query positions per sequence")
+                               .c_str()
+                         : "");
   }
   if (!f.Str("markdown").empty()) VQKV_RETURN_IF_ERROR(WriteStringToFile(f.Str("markdown"), table));
   return absl::OkStatus();
@@ -201,16 +273,24 @@ absl::Status Fidelity(const Flags& f) {
 
 int RunFidelity(int argc, char** argv) {
   Flags f("fidelity",
-          "Fit rvq codebooks on the first half of a text's stories and compare raw, scalar-2/4 and "
-          "rvq on the second "
-          "half with the real model (K/V error, attention error, perplexity, top-1 agreement, KL).",
+          "Fit rvq codebooks on the first part of a text's stories (--calib-fraction) and compare "
+          "raw, scalar-2/4 and rvq on the rest with the real model (K/V error, attention error, "
+          "perplexity, top-1 agreement, KL).",
           {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
            {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
-           {"max-tokens", "512", "truncate each story"},
+           {"max-tokens", "512",
+            "tokens per calibration context (and per evaluation context without --contexts)"},
+           {"contexts", "", "evaluate at each of these context lengths, e.g. 512,2048,8192"},
+           {"eval-tokens", "0",
+            "with --contexts: about this many evaluation tokens per context (0: --eval-seqs)"},
+           {"attn-queries", "0",
+            "attention metrics on at most this many query positions per sequence (0: all)"},
            {"per-story", "",
             "one story per sequence instead of packing stories into max-tokens contexts", true},
-           {"calib-seqs", "0", "calibration sequences (0: all of the first half)"},
-           {"eval-seqs", "0", "evaluation sequences (0: all of the second half)"},
+           {"calib-fraction", "0.5",
+            "share of the stories (from the start) used for calibration; the rest evaluates"},
+           {"calib-seqs", "0", "calibration sequences (0: all calibration stories)"},
+           {"eval-seqs", "0", "evaluation sequences (0: all evaluation stories)"},
            {"paper", "7x1024,2x512",
             "the paper's split scaled to this head_dim: K stages x size, V stages x size"},
            {"budgets", "2.75,2.5",

@@ -5,10 +5,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/parallel.h"
 #include "common/status_macros.h"
 #include "model/scoring.h"
 
@@ -176,21 +178,30 @@ absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, co
       in.min_position = first;
       in.sink_tokens = opts.sink_tokens;
       in.recent_tokens = opts.recent_tokens;
+      if (opts.max_attention_queries > 0) {
+        in.query_stride = std::max<int64_t>(1, (T - first) / opts.max_attention_queries);
+      }
       if (T > first) attn.Add(in);
     }
     VQKV_ASSIGN_OR_RETURN(model::TokenScores sc, model::ScoreTokens(logits, seq, first));
     VQKV_ASSIGN_OR_RETURN(model::TokenScores sr, model::ScoreTokens(ref.logits[si], seq, first));
     nll += sc.mean_nll * sc.scored;
     nll_ref += sr.mean_nll * sr.scored;
-    std::vector<double> lp, lq;
-    for (int t = first; t < T - 1; ++t) {
-      agree += sc.argmax[t] == sr.argmax[t];
-      LogSoftmax(ref.logits[si].data() + int64_t{t} * V, V, &lp);
-      LogSoftmax(logits.data() + int64_t{t} * V, V, &lq);
-      double d = 0;
-      for (int i = 0; i < V; ++i) d += std::exp(lp[i]) * (lp[i] - lq[i]);
-      kl += std::max(0.0, d);
-    }
+    for (int t = first; t < T - 1; ++t) agree += sc.argmax[t] == sr.argmax[t];
+    std::mutex mu;
+    ParallelFor(std::max(0, T - 1 - first), 16, [&](int64_t b, int64_t e) {
+      std::vector<double> lp, lq;
+      double local = 0;
+      for (int64_t t = first + b; t < first + e; ++t) {
+        LogSoftmax(ref.logits[si].data() + t * V, V, &lp);
+        LogSoftmax(logits.data() + t * V, V, &lq);
+        double d = 0;
+        for (int i = 0; i < V; ++i) d += std::exp(lp[i]) * (lp[i] - lq[i]);
+        local += std::max(0.0, d);
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      kl += local;
+    });
     scored += sc.scored;
   }
   if (scored == 0)
@@ -342,12 +353,15 @@ kernels::KvSamples SyntheticSamples(int layers, int kv_heads, int q_heads, int h
 }
 
 std::string FormatTable(const std::vector<EvalRow>& rows) {
-  std::string s =
+  bool with_context = false;
+  for (const auto& r : rows) with_context |= r.context > 0;
+  std::string s = absl::StrCat(
+      with_context ? "| context " : "",
       "| codec | split | bits/elem all-in | bits/elem codes | K rel err | V rel err | K cos | "
-      "attn-out err | "
-      "attn top-8 agree | ppl | ppl delta % | top-1 agree % | KL nats |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+      "attn-out err | attn top-8 agree | ppl | ppl delta % | top-1 agree % | KL nats |\n",
+      with_context ? "|---" : "", "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const auto& r : rows) {
+    if (with_context) absl::StrAppend(&s, "| ", r.context, " ");
     auto num = [](double v, const char* fmt) {
       if (std::isnan(v)) return std::string("n/a");
       char buf[64];

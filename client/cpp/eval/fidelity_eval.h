@@ -39,10 +39,15 @@ struct EvalOptions {
   int recent_tokens = 32;
   int block_tokens = 256;             // storage block size for the bit accounting
   int64_t amortise_tokens = 1 << 20;  // codebooks are shared by this many stored tokens
+  // Attention metrics (attn-out error, top-8 agreement) on at most this many query positions per
+  // sequence, evenly spaced from the last one backwards (0: every position). Perplexity, top-1
+  // and KL always score every position.
+  int64_t max_attention_queries = 0;
 };
 
 struct EvalRow {
   std::string codec;       // label
+  int64_t context = 0;     // tokens per evaluated sequence (0: not tracked); shown when set
   std::string split;       // rvq: stage split; others: ""
   double bits_all_in = 0;  // stored bits per compressed element, fp16 basis, all overhead
   double bits_codes = 0;   // codes only
