@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Independent check of vqkv's GGUF path (reader, dequantization, tokenizer, LLaMA forward).
 
-Reference side, sharing no code with the C++:
+Reference side, sharing no code with the C++ (the numpy forward is tests/model/reference_llama.py's,
+the one the tinystories check uses):
   * llama.cpp's own `gguf` package (GGUFReader + gguf.quants.dequantize) reads and
     dequantizes the file;
   * Hugging Face `tokenizers` builds the byte-level BPE from the GGUF vocabulary and merges
@@ -23,25 +24,16 @@ import json
 import struct
 import sys
 
+import os
+
 import numpy as np
 import gguf
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-
-def load_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    (hlen,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + hlen])
-    meta = header.pop("__metadata__", {})
-    base = 8 + hlen
-    out = {}
-    for name, info in header.items():
-        b, e = info["data_offsets"]
-        dt = {"F32": "<f4", "I32": "<i4"}[info["dtype"]]
-        out[name] = np.frombuffer(data[base + b:base + e], dtype=dt).reshape(info["shape"])
-    return out, meta
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "tests", "model"))
+from reference_llama import LlamaForward, load_safetensors  # noqa: E402
 
 
 def field_str(r, key):
@@ -59,7 +51,24 @@ def field_strs(r, key):
     return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
 
 
-class Reference:
+# GGUF tensor names of the Hugging Face weights the shared forward asks for.
+GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+class Reference(LlamaForward):
+    """The GGUF file read and dequantized by llama.cpp's gguf package, run through the numpy
+    forward of tests/model/reference_llama.py."""
+
     def __init__(self, path):
         self.r = GGUFReader(path)
         self.tensors = {t.name: t for t in self.r.tensors}
@@ -72,6 +81,8 @@ class Reference:
         self.eps = field_num(self.r, p + "attention.layer_norm_rms_epsilon")
         self.theta = field_num(self.r, p + "rope.freq_base")
         self._cache = {}
+        self.embed = self.deq("token_embd.weight")
+        self.head = self.deq("output.weight") if "output.weight" in self.tensors else self.embed
 
     def deq(self, name):
         if name not in self._cache:
@@ -81,56 +92,19 @@ class Reference:
                 [int(d) for d in reversed(t.shape)])
         return self._cache[name]
 
-    def w(self, name, unpermute_heads=0):
-        a = self.deq(name)
-        if unpermute_heads:
+    def w(self, hf_name):
+        if hf_name == "model.norm.weight":
+            return self.deq("output_norm.weight")
+        _, _, layer, rest = hf_name.split(".", 3)  # model.layers.L.rest
+        a = self.deq("blk.%s.%s" % (layer, GGUF_NAMES[rest]))
+        heads = {"self_attn.q_proj.weight": self.n_heads,
+                 "self_attn.k_proj.weight": self.n_kv}.get(rest, 0)
+        if heads:
             # convert_hf_to_gguf.py: w.reshape(n_head, 2, rows // n_head // 2, cols)
             #                        .swapaxes(1, 2).reshape(w.shape); this is its inverse.
             rows, cols = a.shape
-            a = a.reshape(unpermute_heads, rows // unpermute_heads // 2, 2, cols)
-            a = a.swapaxes(1, 2).reshape(rows, cols)
+            a = a.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
         return a
-
-    def rms(self, x, w):
-        var = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)
-        return (x / np.sqrt(var + self.eps)).astype(np.float32) * w
-
-    def rope(self, x):
-        T, d = x.shape[0], self.hd
-        inv = self.theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-        ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
-        cos = np.concatenate([np.cos(ang)] * 2, axis=-1).astype(np.float32)[:, None, :]
-        sin = np.concatenate([np.sin(ang)] * 2, axis=-1).astype(np.float32)[:, None, :]
-        rot = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1)
-        return x * cos + rot * sin
-
-    def forward(self, ids, capture=None):
-        T = len(ids)
-        emb = self.w("token_embd.weight")
-        head = self.w("output.weight") if "output.weight" in self.tensors else emb
-        x = emb[np.array(ids)]
-        mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
-        rep = self.n_heads // self.n_kv
-        for l in range(self.n_layers):
-            p = "blk.%d." % l
-            h = self.rms(x, self.w(p + "attn_norm.weight"))
-            q = (h @ self.w(p + "attn_q.weight", self.n_heads).T).reshape(T, self.n_heads, self.hd)
-            k = (h @ self.w(p + "attn_k.weight", self.n_kv).T).reshape(T, self.n_kv, self.hd)
-            v = (h @ self.w(p + "attn_v.weight").T).reshape(T, self.n_kv, self.hd)
-            q, k = self.rope(q), self.rope(k)
-            if capture is not None:
-                capture.append((q, k, v))
-            kk, vv = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-            s = np.einsum("thd,shd->hts", q, kk) / np.float32(np.sqrt(self.hd)) + mask
-            s = np.exp(s - s.max(axis=-1, keepdims=True))
-            s /= s.sum(axis=-1, keepdims=True)
-            att = np.einsum("hts,shd->thd", s, vv).reshape(T, -1)
-            x = x + att @ self.w(p + "attn_output.weight").T
-            h = self.rms(x, self.w(p + "ffn_norm.weight"))
-            g = h @ self.w(p + "ffn_gate.weight").T
-            u = h @ self.w(p + "ffn_up.weight").T
-            x = x + ((g / (1 + np.exp(-g))) * u) @ self.w(p + "ffn_down.weight").T
-        return self.rms(x, self.w("output_norm.weight")) @ head.T
 
 
 def hf_tokenizer(r):
@@ -164,7 +138,7 @@ def main():
     args = ap.parse_args()
     ok = True
     ref = Reference(args.gguf)
-    cpp, meta = load_safetensors(args.dump)
+    cpp, meta = load_safetensors(args.dump, with_metadata=True)
 
     # 1. dequantized tensors, bit for bit
     names = meta["tensors"].split(",")

@@ -27,16 +27,17 @@ import numpy as np
 
 # ----------------------------------------------------------------------------- safetensors
 
-def load_safetensors(path):
+def load_safetensors(path, with_metadata=False):
+    """Tensors of a safetensors file as float32 arrays (I32 stays int32); with_metadata also
+    returns the __metadata__ dict."""
     with open(path, "rb") as f:
         data = f.read()
     (hlen,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + hlen])
+    meta = header.pop("__metadata__", {})
     base = 8 + hlen
     out = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         begin, end = info["data_offsets"]
         raw = data[base + begin:base + end]
         dt = info["dtype"]
@@ -46,10 +47,13 @@ def load_safetensors(path):
             arr = np.frombuffer(raw, dtype="<f2").astype(np.float32)
         elif dt == "BF16":
             arr = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        elif dt == "I32":
+            out[name] = np.frombuffer(raw, dtype="<i4").reshape(info["shape"])
+            continue
         else:
             raise ValueError("unsupported dtype %s for %s" % (dt, name))
         out[name] = arr.reshape(info["shape"]).astype(np.float32)
-    return out
+    return (out, meta) if with_metadata else out
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -178,24 +182,9 @@ class BpeTokenizer:
 
 # ----------------------------------------------------------------------------- model
 
-class Llama:
-    def __init__(self, model_dir):
-        with open(os.path.join(model_dir, "config.json")) as f:
-            cfg = json.load(f)
-        self.cfg = cfg
-        self.t = load_safetensors(os.path.join(model_dir, "model.safetensors"))
-        self.n_layers = cfg["num_hidden_layers"]
-        self.n_heads = cfg["num_attention_heads"]
-        self.n_kv = cfg.get("num_key_value_heads", self.n_heads)
-        self.hd = cfg.get("head_dim") or cfg["hidden_size"] // self.n_heads
-        self.eps = cfg["rms_norm_eps"]
-        self.theta = cfg.get("rope_theta", 10000.0)
-        emb = self.t.get("model.embed_tokens.weight")
-        head = self.t.get("lm_head.weight")
-        if cfg.get("tie_word_embeddings"):
-            emb = emb if emb is not None else head
-            head = emb
-        self.embed, self.head = emb, head
+class LlamaForward:
+    """The LLaMA forward in Hugging Face semantics. Subclasses set n_layers, n_heads, n_kv, hd,
+    eps, theta, embed, head and implement w(hf_name) -> float32 weight (HF layout)."""
 
     def rms(self, x, w):
         var = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)
@@ -216,12 +205,13 @@ class Llama:
         x = self.embed[np.array(ids)]
         mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
         rep = self.n_heads // self.n_kv
+        w = self.w
         for l in range(self.n_layers):
             p = "model.layers.%d." % l
-            h = self.rms(x, self.t[p + "input_layernorm.weight"])
-            q = (h @ self.t[p + "self_attn.q_proj.weight"].T).reshape(T, self.n_heads, self.hd)
-            k = (h @ self.t[p + "self_attn.k_proj.weight"].T).reshape(T, self.n_kv, self.hd)
-            v = (h @ self.t[p + "self_attn.v_proj.weight"].T).reshape(T, self.n_kv, self.hd)
+            h = self.rms(x, w(p + "input_layernorm.weight"))
+            q = (h @ w(p + "self_attn.q_proj.weight").T).reshape(T, self.n_heads, self.hd)
+            k = (h @ w(p + "self_attn.k_proj.weight").T).reshape(T, self.n_kv, self.hd)
+            v = (h @ w(p + "self_attn.v_proj.weight").T).reshape(T, self.n_kv, self.hd)
             q, k = self.rope(q), self.rope(k)
             if capture is not None:
                 capture.append((q.copy(), k.copy(), v.copy()))
@@ -232,13 +222,38 @@ class Llama:
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
             att = np.einsum("hts,shd->thd", probs, vv).reshape(T, -1)
-            x = x + att @ self.t[p + "self_attn.o_proj.weight"].T
-            h = self.rms(x, self.t[p + "post_attention_layernorm.weight"])
-            g = h @ self.t[p + "mlp.gate_proj.weight"].T
-            u = h @ self.t[p + "mlp.up_proj.weight"].T
-            x = x + ((g / (1 + np.exp(-g))) * u) @ self.t[p + "mlp.down_proj.weight"].T
-        x = self.rms(x, self.t["model.norm.weight"])
+            x = x + att @ w(p + "self_attn.o_proj.weight").T
+            h = self.rms(x, w(p + "post_attention_layernorm.weight"))
+            g = h @ w(p + "mlp.gate_proj.weight").T
+            u = h @ w(p + "mlp.up_proj.weight").T
+            x = x + ((g / (1 + np.exp(-g))) * u) @ w(p + "mlp.down_proj.weight").T
+        x = self.rms(x, w("model.norm.weight"))
         return x @ self.head.T
+
+
+class Llama(LlamaForward):
+    """A Hugging Face folder: config.json + model.safetensors."""
+
+    def __init__(self, model_dir):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)
+        self.cfg = cfg
+        self.t = load_safetensors(os.path.join(model_dir, "model.safetensors"))
+        self.n_layers = cfg["num_hidden_layers"]
+        self.n_heads = cfg["num_attention_heads"]
+        self.n_kv = cfg.get("num_key_value_heads", self.n_heads)
+        self.hd = cfg.get("head_dim") or cfg["hidden_size"] // self.n_heads
+        self.eps = cfg["rms_norm_eps"]
+        self.theta = cfg.get("rope_theta", 10000.0)
+        emb = self.t.get("model.embed_tokens.weight")
+        head = self.t.get("lm_head.weight")
+        if cfg.get("tie_word_embeddings"):
+            emb = emb if emb is not None else head
+            head = emb
+        self.embed, self.head = emb, head
+
+    def w(self, name):
+        return self.t[name]
 
 
 def floats(a):

@@ -79,11 +79,19 @@ absl::Status Fidelity(const Flags& f) {
     return absl::InvalidArgumentError("--eval-tokens and --attn-queries must be >= 0");
   }
   const bool pack = !f.Bool("per-story");
-  const std::vector<std::string> paper = absl::StrSplit(f.Str("paper"), ',');
-  if (paper.size() != 2)
-    return absl::InvalidArgumentError("--paper must be KxSIZE,VxSIZE (e.g. 7x1024,2x512)");
-  VQKV_ASSIGN_OR_RETURN(kernels::StageConfig pk, kernels::ParseStageConfig(paper[0]));
-  VQKV_ASSIGN_OR_RETURN(kernels::StageConfig pv, kernels::ParseStageConfig(paper[1]));
+  // The paper's split for head_dim 128 (keys 56x1024, values 16x512), scaled to the model's
+  // head_dim once it is known, unless given explicitly.
+  const bool paper_auto = f.Str("paper") == "auto";
+  kernels::StageConfig pk{56, 1024}, pv{16, 512};
+  if (!paper_auto) {
+    const std::vector<std::string> paper = absl::StrSplit(f.Str("paper"), ',');
+    if (paper.size() != 2) {
+      return absl::InvalidArgumentError(
+          "--paper must be auto or KxSIZE,VxSIZE (e.g. 28x1024,8x512)");
+    }
+    VQKV_ASSIGN_OR_RETURN(pk, kernels::ParseStageConfig(paper[0]));
+    VQKV_ASSIGN_OR_RETURN(pv, kernels::ParseStageConfig(paper[1]));
+  }
 
   eval::EvalOptions eo;
   eo.sink_tokens = int(sinks);
@@ -155,6 +163,10 @@ absl::Status Fidelity(const Flags& f) {
     synth_eval = eval::SyntheticSamples(2, 4, 8, 16, 16, 256, 2);
   }
 
+  if (paper_auto) {
+    pk.stages = std::max(1, 56 * calib.head_dim / 128);
+    pv.stages = std::max(1, 16 * calib.head_dim / 128);
+  }
   // One codebook with the most stages any candidate uses; every candidate is a prefix of it.
   double max_budget = 0;
   for (double b : budgets) max_budget = std::max(max_budget, b);
@@ -291,8 +303,9 @@ int RunFidelity(int argc, char** argv) {
             "share of the stories (from the start) used for calibration; the rest evaluates"},
            {"calib-seqs", "0", "calibration sequences (0: all calibration stories)"},
            {"eval-seqs", "0", "evaluation sequences (0: all evaluation stories)"},
-           {"paper", "7x1024,2x512",
-            "the paper's split scaled to this head_dim: K stages x size, V stages x size"},
+           {"paper", "auto",
+            "the paper's split (head_dim 128: K 56x1024, V 16x512); auto scales the stages to the "
+            "model's head_dim, or give K stages x size, V stages x size"},
            {"budgets", "2.75,2.5",
             "code budgets (bits/element) for which `fit --bits` chooses a split"},
            {"iters", "10", "Lloyd iterations per stage"},
