@@ -88,6 +88,20 @@ class Codec {
   // Convenience: decode one payload to fp32.
   absl::StatusOr<std::vector<float>> DecodeToFloat(std::string_view payload) const;
 
+  // Batched forms, for callers that hand over many blocks at once (the daemon's put and get
+  // batches). Same contracts and results as Encode/Decode; a backend that does a whole batch in
+  // one pass (the CUDA codecs: one upload, one launch, one download instead of a GPU round trip
+  // per block) overrides them. The defaults call Encode/Decode.
+  virtual absl::Status EncodeBatched(absl::Span<const KvBlockView> blocks,
+                                     std::vector<std::string>* out) const {
+    return Encode(blocks, out);
+  }
+  virtual absl::Status DecodeBatched(absl::Span<const std::string_view> payloads, DType out_dtype,
+                                     absl::Span<void* const> out,
+                                     absl::Span<const size_t> out_bytes) const {
+    return Decode(payloads, out_dtype, out, out_bytes);
+  }
+
   // Exact payload size of a block of `shape`/`dtype` whose first token is `first_token`.
   virtual int64_t PayloadBytes(const KvShape& shape, DType dtype, int64_t first_token,
                                int first_layer = 0) const;

@@ -27,6 +27,10 @@ constexpr char kMagic[4] = {'V', 'Q', 'K', 'B'};
 size_t Round4(size_t n) { return (n + 3) & ~size_t{3}; }
 size_t Round256(size_t n) { return (n + 255) & ~size_t{255}; }
 
+bool SameGeometry(const KvShape& a, const KvShape& b) {
+  return a.layers == b.layers && a.kv_heads == b.kv_heads && a.head_dim == b.head_dim;
+}
+
 int SinksOf(int sink_tokens, int64_t first_token, int tokens) {
   if (first_token >= sink_tokens) return 0;
   return static_cast<int>(std::min<int64_t>(sink_tokens - first_token, tokens));
@@ -162,6 +166,16 @@ class CudaRvqCodec final : public Codec {
     return absl::StrCat("rvq-cuda(", dcb_->config().ToString(), ")");
   }
   CodecKind kind() const override { return CodecKind::kRvq; }
+
+  absl::Status EncodeBatched(absl::Span<const KvBlockView> blocks,
+                             std::vector<std::string>* out) const override {
+    return EncodeBatchImpl(blocks, out);
+  }
+  absl::Status DecodeBatched(absl::Span<const std::string_view> payloads, DType out_dtype,
+                             absl::Span<void* const> out,
+                             absl::Span<const size_t> out_bytes) const override {
+    return DecodeBatchImpl(payloads, out_dtype, out, out_bytes);
+  }
 
   absl::Status EncodeBatchImpl(absl::Span<const KvBlockView> blocks,
                                std::vector<std::string>* out) const;
@@ -380,6 +394,28 @@ class CudaScalarCodec final : public Codec {
     return absl::StrCat("scalar-cuda-", spec_.scalar_bits, "/g", spec_.scalar_group);
   }
   CodecKind kind() const override { return CodecKind::kScalar; }
+
+  // One launch needs one (layers, kv_heads, head_dim) for the whole batch; a mixed batch takes
+  // the per-block path, so the contract stays Encode's/Decode's.
+  absl::Status EncodeBatched(absl::Span<const KvBlockView> blocks,
+                             std::vector<std::string>* out) const override {
+    for (const KvBlockView& b : blocks) {
+      if (!SameGeometry(b.shape, blocks[0].shape)) return Encode(blocks, out);
+    }
+    return EncodeBatchImpl(blocks, out);
+  }
+  absl::Status DecodeBatched(absl::Span<const std::string_view> payloads, DType out_dtype,
+                             absl::Span<void* const> out,
+                             absl::Span<const size_t> out_bytes) const override {
+    KvShape first;
+    for (size_t b = 0; b < payloads.size(); ++b) {
+      absl::StatusOr<PayloadHeader> h = ReadPayloadHeader(payloads[b]);
+      if (!h.ok()) return Decode(payloads, out_dtype, out, out_bytes);  // Decode reports it
+      if (b == 0) first = HeaderShape(*h);
+      if (!SameGeometry(HeaderShape(*h), first)) return Decode(payloads, out_dtype, out, out_bytes);
+    }
+    return DecodeBatchImpl(payloads, out_dtype, out, out_bytes);
+  }
 
   absl::Status EncodeBatchImpl(absl::Span<const KvBlockView> blocks,
                                std::vector<std::string>* out) const;

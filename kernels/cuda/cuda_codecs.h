@@ -4,7 +4,8 @@
 // near-ties (see rvq_encode.cu); scalar codes are identical.
 //
 // Through Codec::Encode/Decode each block is one GPU round trip (host fp32 in, host bytes out).
-// EncodeBatch/DecodeBatch do all blocks in one GPU pass and produce the same payloads/outputs.
+// EncodeBatch/DecodeBatch (and Codec::EncodeBatched/DecodeBatched, which call them) do all
+// blocks in one GPU pass and produce the same payloads/outputs.
 // Device-resident data should use gpu_rvq.h / gpu_scalar.h directly.
 //
 // The codecs use the device that was current when they were created. Creating one without a

@@ -1,5 +1,6 @@
 #include "server/main/config.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <fstream>
@@ -67,6 +68,33 @@ Flag String(const char* name, std::string Config::*field, const char* help) {
           [field](const Config& c) { return c.*field; }};
 }
 
+Flag GpuMode() {
+  return {"gpu", "use a GPU: auto (when one is visible), on (fail without one), off",
+          [](const std::string& v, Config* c) {
+            if (v != "auto" && v != "on" && v != "off") return BadValue("gpu", v, "auto|on|off");
+            c->gpu = v;
+            return absl::OkStatus();
+          },
+          [](const Config& c) { return c.gpu; }};
+}
+
+Flag AutoOrBytes(const char* name, int64_t Config::*field, const char* help) {
+  return {name, help,
+          [name, field](const std::string& v, Config* c) {
+            if (v == "auto" || v == "0") {
+              c->*field = 0;
+              return absl::OkStatus();
+            }
+            absl::StatusOr<int64_t> x = ParseBytes(v);
+            if (!x.ok() || *x <= 0) return BadValue(name, v, "auto or a positive size like 4GiB");
+            c->*field = *x;
+            return absl::OkStatus();
+          },
+          [field](const Config& c) {
+            return c.*field == 0 ? std::string("auto") : absl::StrCat(c.*field);
+          }};
+}
+
 const std::vector<Flag>& Flags() {
   static const std::vector<Flag>* flags = new std::vector<Flag>{
       String("listen", &Config::listen,
@@ -89,6 +117,10 @@ const std::vector<Flag>& Flags() {
              "on SIGTERM, how long in-flight calls may run before they are cancelled"),
       Double("shutdown-linger-seconds", &Config::shutdown_linger_seconds,
              "after the drain, how long finished replies may still flow to slow readers"),
+      GpuMode(),
+      Int("gpu-device", &Config::gpu_device, "CUDA device number used with --gpu"),
+      AutoOrBytes("gpu-tier-bytes", &Config::gpu_tier_bytes,
+                  "byte budget of the GPU tier (HBM arena); auto: min(free HBM / 2, 8GiB)"),
   };
   return *flags;
 }
@@ -123,6 +155,8 @@ absl::StatusOr<PreloadModel> ParseModel(const YAML::Node& n) {
 }
 
 }  // namespace
+
+int64_t AutoGpuTierBytes(int64_t free_bytes) { return std::min(free_bytes / 2, int64_t{8} << 30); }
 
 absl::StatusOr<int64_t> ParseBytes(const std::string& text) {
   size_t i = 0;
@@ -220,6 +254,7 @@ absl::StatusOr<Config> ParseConfig(int argc, char** argv, bool* help) {
   for (const auto& [f, v] : sets) {
     if (absl::Status s = f->set(v, &c); !s.ok()) return s;
   }
+  if (c.gpu_device < 0) return BadValue("gpu-device", absl::StrCat(c.gpu_device), "a device >= 0");
   return c;
 }
 

@@ -36,8 +36,16 @@ struct Config {
   std::string log_level = "info";
   double shutdown_grace_seconds = 30;
   double shutdown_linger_seconds = 2;
+  // GPU: "auto" (use device gpu_device when the build has CUDA and a device is visible), "on"
+  // (fail at start without one) or "off" (CPU codecs, host tier on top).
+  std::string gpu = "auto";
+  int32_t gpu_device = 0;
+  int64_t gpu_tier_bytes = 0;  // HBM arena; 0: auto = min(free HBM / 2, 8 GiB)
   std::vector<PreloadModel> models;
 };
+
+// The gpu_tier_bytes used with "auto" (0): half the device's free memory, at most 8 GiB.
+int64_t AutoGpuTierBytes(int64_t free_bytes);
 
 // Parses "1048576", "512MiB", "2GiB", "64KiB", "1.5G" (K/M/G/T are binary too).
 absl::StatusOr<int64_t> ParseBytes(const std::string& text);

@@ -23,13 +23,97 @@
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
+#ifdef VQKV_HAVE_CUDA
+#include "kernels/cuda/cuda_codecs.h"
+#include "server/store/gpu_tier.h"
+#endif
+
 namespace vqkv::vqkvd {
 namespace {
 
 constexpr int kMaxMessageBytes = 64 << 20;  // documented in vqkv.proto
 
-absl::StatusOr<std::unique_ptr<store::BlockStore>> MakeStore(const Config& c) {
+// Whether and how the GPU is used, decided once at start.
+struct GpuSetup {
+  bool enabled = false;
+  int device = 0;
+  int64_t tier_bytes = 0;
+  std::string summary;  // for the start-up log: the device, or why there is none
+};
+
+// --gpu=off: nothing CUDA is touched. auto: the GPU when the build has CUDA and a device is
+// visible. on: the same, but no GPU is an error (FailedPrecondition). A bad --gpu-device is
+// InvalidArgument in both modes.
+absl::StatusOr<GpuSetup> DecideGpu(const Config& c) {
+  GpuSetup g;
+  if (c.gpu == "off") {
+    g.summary = "GPU off (--gpu=off)";
+    return g;
+  }
+#ifdef VQKV_HAVE_CUDA
+  if (!kernels::cuda::RegisterCudaCodecs() || store::GpuDeviceCount() == 0) {
+    if (c.gpu == "on")
+      return absl::FailedPreconditionError("--gpu=on but no CUDA device is visible");
+    g.summary = "GPU off (no CUDA device visible)";
+    return g;
+  }
+  absl::StatusOr<store::GpuDeviceInfo> info = store::GetGpuDeviceInfo(c.gpu_device);
+  if (!info.ok()) return info.status();
+  if (absl::Status s = store::UseGpuDevice(c.gpu_device); !s.ok()) return s;
+  g.enabled = true;
+  g.device = c.gpu_device;
+  g.tier_bytes = c.gpu_tier_bytes > 0 ? c.gpu_tier_bytes : AutoGpuTierBytes(info->free_bytes);
+  g.summary =
+      absl::StrCat("GPU ", info->device, " (", info->name, ", sm_", info->cc_major, info->cc_minor,
+                   ", ", info->free_bytes >> 20, " of ", info->total_bytes >> 20,
+                   " MiB free): codecs rvq -> rvq-cuda, scalar -> scalar-cuda; gpu tier ",
+                   g.tier_bytes, " bytes of HBM");
+  return g;
+#else
+  if (c.gpu == "on")
+    return absl::FailedPreconditionError("--gpu=on but vqkvd was built without CUDA");
+  g.summary = "GPU off (built without CUDA)";
+  return g;
+#endif
+}
+
+// With a GPU: rvq and scalar run as rvq-cuda / scalar-cuda on the chosen device (the payloads
+// are the same format, so the model's codec string does not change); raw stays on the CPU.
+void UseGpuCodecs(const GpuSetup& g, service::ServiceOptions* opts, int64_t pinned_cache_bytes) {
+  if (!g.enabled) return;
+#ifdef VQKV_HAVE_CUDA
+  const int device = g.device;
+  opts->codec_factory =
+      [device](const kernels::CodecSpec& spec) -> absl::StatusOr<std::unique_ptr<kernels::Codec>> {
+    kernels::CodecSpec s = spec;
+    if (s.name == "rvq" || s.name == "scalar") {
+      // The CUDA codecs bind to the current device of the creating thread (a worker).
+      if (absl::Status st = store::UseGpuDevice(device); !st.ok()) return st;
+      s.name += "-cuda";
+    }
+    return kernels::CreateCodec(s);
+  };
+  opts->decode_buffers = store::NewPinnedHostAllocator(pinned_cache_bytes);
+#else
+  (void)opts;
+  (void)pinned_cache_bytes;
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<store::BlockStore>> MakeStore(const Config& c, const GpuSetup& g) {
   store::StoreOptions o;
+#ifdef VQKV_HAVE_CUDA
+  if (g.enabled) {
+    store::GpuTierOptions go;
+    go.device = g.device;
+    go.capacity_bytes = g.tier_bytes;
+    auto gpu = store::NewGpuTier(go);
+    if (!gpu.ok()) return gpu.status();
+    o.tiers.push_back(*std::move(gpu));
+  }
+#else
+  (void)g;
+#endif
   o.tiers.push_back(store::NewHostTier(c.host_tier_bytes));
   if (!c.disk_dir.empty()) {
     auto disk = store::NewDiskTier(c.disk_dir, c.disk_tier_bytes);
@@ -92,7 +176,13 @@ int Run(int argc, char** argv) {
   spdlog::set_default_logger(logger);
   spdlog::set_level(spdlog::level::from_str(config->log_level));
 
-  absl::StatusOr<std::unique_ptr<store::BlockStore>> store = MakeStore(*config);
+  absl::StatusOr<GpuSetup> gpu = DecideGpu(*config);
+  if (!gpu.ok()) {
+    spdlog::critical("gpu: {}", std::string(gpu.status().message()));
+    return 1;
+  }
+  spdlog::info("{}", gpu->summary);
+  absl::StatusOr<std::unique_ptr<store::BlockStore>> store = MakeStore(*config, *gpu);
   if (!store.ok()) {
     spdlog::critical("store: {}", std::string(store.status().message()));
     return 1;
@@ -100,6 +190,8 @@ int Run(int argc, char** argv) {
   service::ServiceOptions opts;
   opts.max_inflight_bytes = config->max_inflight_bytes;
   opts.max_block_bytes = config->max_block_bytes;
+  // Decode buffers are bounded by the in-flight budget, so that much pinned memory is kept.
+  UseGpuCodecs(*gpu, &opts, config->max_inflight_bytes);
   auto handler = std::make_unique<service::VqkvHandler>(opts, store->get());
   int workers = config->worker_threads;
   if (workers <= 0)
@@ -148,7 +240,9 @@ int Run(int argc, char** argv) {
 
   health->SetServingStatus(true);
   health->SetServingStatus(kServiceName, true);
-  spdlog::info("host tier {} bytes{}; {} workers; max in-flight {} bytes", config->host_tier_bytes,
+  spdlog::info("{}host tier {} bytes{}; {} workers; max in-flight {} bytes",
+               gpu->enabled ? absl::StrCat("gpu tier ", gpu->tier_bytes, " bytes, ") : "",
+               config->host_tier_bytes,
                config->disk_dir.empty() ? std::string()
                                         : absl::StrCat(", disk tier ", config->disk_tier_bytes,
                                                        " bytes in ", config->disk_dir),

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "server/service/service_core.h"
+#include "server/store/host_buffer.h"
 
 namespace vqkv::service {
 namespace {
@@ -81,10 +82,10 @@ class GetSessionImpl final : public GetSession {
       view = lease.bytes();
     } else {
       if (next_ >= batch_end_) VQKV_RETURN_IF_ERROR(DecodeBatch());
-      const Buffer& full = decoded_[next_ - batch_begin_];
+      const store::HostBuffer& full = decoded_[next_ - batch_begin_];
       const ModelConfig& mc = model_->config();
       const int64_t layer = mc.LayerBytes(lease.meta().tokens, dtype_);
-      view = std::string_view(full.data.get(), full.size).substr(lb_ * layer, (le_ - lb_) * layer);
+      view = std::string_view(full.data(), full.size()).substr(lb_ * layer, (le_ - lb_) * layer);
     }
     out->set_found(true);
     if (offset_ == 0) {
@@ -104,9 +105,9 @@ class GetSessionImpl final : public GetSession {
     if (offset_ >= static_cast<int64_t>(view.size())) {
       // Done with this block: free its lease and decoded bytes before the next one.
       if (!codes_) {
-        Buffer& buf = decoded_[next_ - batch_begin_];
-        hold_.Remove(static_cast<int64_t>(buf.size));
-        buf = Buffer();
+        store::HostBuffer& buf = decoded_[next_ - batch_begin_];
+        hold_.Remove(static_cast<int64_t>(buf.size()));
+        buf = store::HostBuffer();
       }
       leases_[next_].reset();
       offset_ = 0;
@@ -139,11 +140,10 @@ class GetSessionImpl final : public GetSession {
     std::vector<void*> outs;
     for (size_t i = 0; i < payloads.size(); ++i) {
       // Not zero-filled: the codec writes every byte.
-      decoded_[i].data.reset(new char[sizes[i]]);
-      decoded_[i].size = sizes[i];
-      outs.push_back(decoded_[i].data.get());
+      decoded_[i] = store::HostBuffer(core_->options.decode_buffers, sizes[i]);
+      outs.push_back(decoded_[i].data());
     }
-    absl::Status s = codec_.codec->Decode(payloads, dtype_, outs, sizes);
+    absl::Status s = codec_.codec->DecodeBatched(payloads, dtype_, outs, sizes);
     if (!s.ok()) {
       return absl::DataLossError(
           absl::StrCat("GetBlocks: a stored block failed to decode: ", s.message()));
@@ -163,11 +163,7 @@ class GetSessionImpl final : public GetSession {
   int32_t lb_ = 0, le_ = 0;
   int64_t chunk_ = 0;
   std::vector<std::optional<store::BlockStore::Lease>> leases_;
-  struct Buffer {
-    std::unique_ptr<char[]> data;
-    size_t size = 0;
-  };
-  std::vector<Buffer> decoded_;  // blocks [batch_begin_, batch_end_)
+  std::vector<store::HostBuffer> decoded_;  // blocks [batch_begin_, batch_end_)
   size_t batch_begin_ = 0, batch_end_ = 0;
   size_t next_ = 0;
   int64_t offset_ = 0;

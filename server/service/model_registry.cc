@@ -95,7 +95,7 @@ absl::StatusOr<bool> Model::AddCodebook(std::shared_ptr<const kernels::Codebook>
   }
   kernels::CodecSpec spec = config_.codec;
   spec.codebook = codebook;
-  VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> codec, kernels::CreateCodec(spec));
+  VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> codec, factory_(spec));
   absl::MutexLock l(&mu_);
   const std::string id = codebook->id();
   if (!codebooks_.contains(id)) {
@@ -117,11 +117,14 @@ std::vector<std::string> Model::codebook_ids() const {
   return ids;
 }
 
+ModelRegistry::ModelRegistry(CodecFactory factory)
+    : factory_(factory ? std::move(factory) : CodecFactory(&kernels::CreateCodec)) {}
+
 absl::StatusOr<bool> ModelRegistry::Register(const ModelConfig& config) {
   std::shared_ptr<const kernels::Codec> plain;
   if (!config.rvq()) {
     // Building the codec now validates its parameters (e.g. scalar bits) at registration.
-    VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> c, kernels::CreateCodec(config.codec));
+    VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> c, factory_(config.codec));
     plain = std::move(c);
   }
   absl::MutexLock l(&mu_);
@@ -132,7 +135,7 @@ absl::StatusOr<bool> ModelRegistry::Register(const ModelConfig& config) {
                                                  it->second->config().DebugString(), "; refusing ",
                                                  config.DebugString()));
   }
-  models_[config.model_id] = std::make_shared<Model>(config, std::move(plain));
+  models_[config.model_id] = std::make_shared<Model>(config, std::move(plain), factory_);
   return true;
 }
 

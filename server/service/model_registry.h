@@ -4,6 +4,7 @@
 // Thread-safety: thread-safe; Model objects are shared and internally locked.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -38,6 +39,10 @@ struct ModelConfig {
   std::string DebugString() const;
 };
 
+// Creates a codec from a spec (kernels::CreateCodec, or ServiceOptions::codec_factory).
+using CodecFactory =
+    std::function<absl::StatusOr<std::unique_ptr<kernels::Codec>>(const kernels::CodecSpec&)>;
+
 // A codec ready to use, and the codebook id it is keyed under ("" for non-rvq).
 struct ResolvedCodec {
   std::shared_ptr<const kernels::Codec> codec;
@@ -46,8 +51,10 @@ struct ResolvedCodec {
 
 class Model {
  public:
-  explicit Model(ModelConfig config, std::shared_ptr<const kernels::Codec> plain_codec)
-      : config_(std::move(config)), plain_codec_(std::move(plain_codec)) {}
+  Model(ModelConfig config, std::shared_ptr<const kernels::Codec> plain_codec, CodecFactory factory)
+      : config_(std::move(config)),
+        plain_codec_(std::move(plain_codec)),
+        factory_(std::move(factory)) {}
   const ModelConfig& config() const { return config_; }
 
   // The codec for `codebook_id` ("" = the active codebook for rvq; must be "" otherwise).
@@ -66,6 +73,7 @@ class Model {
  private:
   const ModelConfig config_;
   const std::shared_ptr<const kernels::Codec> plain_codec_;  // non-rvq codecs
+  const CodecFactory factory_;                               // builds rvq codecs per codebook
   mutable absl::Mutex mu_;
   std::map<std::string, ResolvedCodec> codebooks_ ABSL_GUARDED_BY(mu_);
   std::string active_ ABSL_GUARDED_BY(mu_);
@@ -81,6 +89,8 @@ absl::StatusOr<ModelConfig> MakeModelConfig(const std::string& model_id, int32_t
 
 class ModelRegistry {
  public:
+  // `factory` builds every codec (empty: kernels::CreateCodec).
+  explicit ModelRegistry(CodecFactory factory = {});
   // Registers `config`. Returns true if created, false if an identical model exists;
   // AlreadyExists if a different one does.
   absl::StatusOr<bool> Register(const ModelConfig& config);
@@ -89,6 +99,7 @@ class ModelRegistry {
   std::vector<std::shared_ptr<Model>> All() const;
 
  private:
+  const CodecFactory factory_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Model>> models_ ABSL_GUARDED_BY(mu_);
 };

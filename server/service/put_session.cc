@@ -234,7 +234,7 @@ class PutSessionImpl final : public PutSession {
             {mc.Shape(blocks_[i].tokens), mc.dtype, blocks_[i].buf.data(), blocks_[i].first_token});
       }
       std::vector<std::string> encoded;
-      if (absl::Status s = codec_.codec->Encode(views, &encoded); !s.ok()) {
+      if (absl::Status s = codec_.codec->EncodeBatched(views, &encoded); !s.ok()) {
         return Annotate(s, "PutBlocks: encoding failed");
       }
       for (size_t j = 0; j < ready_.size(); ++j) {

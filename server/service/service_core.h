@@ -21,7 +21,7 @@ namespace vqkv::service {
 
 struct ServiceCore {
   ServiceCore(ServiceOptions opts, store::BlockStore* s)
-      : options(opts), store(s), budget(opts.max_inflight_bytes) {}
+      : options(opts), store(s), models(opts.codec_factory), budget(opts.max_inflight_bytes) {}
   const ServiceOptions options;
   store::BlockStore* const store;
   ModelRegistry models;

@@ -1,8 +1,15 @@
-// Limits and tuning of the service layer (set from flags / YAML by vqkvd).
-// Thread-safety: plain data.
+// Limits and tuning of the service layer (set from flags / YAML by vqkvd), and the two hooks
+// through which vqkvd plugs in a GPU without the service seeing CUDA.
+// Thread-safety: plain data; the hooks must be thread-safe.
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "kernels/codec.h"
+#include "server/store/host_buffer.h"
 
 namespace vqkv::service {
 
@@ -22,6 +29,14 @@ struct ServiceOptions {
   int64_t max_codebook_bytes = int64_t{1} << 30;
   // Suggested client back-off when busy.
   int32_t retry_after_ms = 50;
+
+  // Builds the codec of a model (spec.name is the model's "raw", "scalar" or "rvq"). Empty:
+  // kernels::CreateCodec. vqkvd with a GPU maps rvq and scalar to rvq-cuda / scalar-cuda here,
+  // on the chosen device; the model's codec string stays the same (payloads are compatible).
+  std::function<absl::StatusOr<std::unique_ptr<kernels::Codec>>(const kernels::CodecSpec&)>
+      codec_factory;
+  // Buffers GetBlocks decodes into (null: the heap). vqkvd with a GPU passes pinned memory.
+  std::shared_ptr<store::HostBufferAllocator> decode_buffers;
 };
 
 }  // namespace vqkv::service

@@ -118,7 +118,7 @@ absl::StatusOr<BlockStore::CommitResult> BlockStore::Commit(std::vector<NewBlock
   std::vector<uint64_t> inserted;
   for (Prepared* p : fresh) {
     const uint64_t id = next_id_++;
-    if (absl::Status s = top.tier->Write(id, p->bytes); !s.ok()) {
+    if (absl::Status s = WriteTo(0, id, p->bytes); !s.ok()) {
       for (uint64_t done : inserted) Drop(done);
       return s;
     }
@@ -150,26 +150,44 @@ absl::StatusOr<BlockStore::CommitResult> BlockStore::Commit(std::vector<NewBlock
 }
 
 absl::Status BlockStore::MakeRoom(int t, int64_t need, int64_t target) {
-  TierState& ts = tiers_[t];
-  while (ts.counters.used_bytes + need > target) {
-    uint64_t victim = 0;
-    for (auto it = ts.lru.rbegin(); it != ts.lru.rend(); ++it) {
-      if (entries_[*it].leases == 0) {
-        victim = *it;
-        break;
-      }
-    }
-    if (victim == 0) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "store: ", TierName(ts.tier->kind()), " tier is full (", ts.counters.used_bytes, " of ",
-          ts.counters.capacity_bytes, " bytes) and every block in it is being read"));
-    }
-    if (t + 1 < static_cast<int>(tiers_.size()) && Move(victim, t + 1).ok()) continue;
-    ++ts.counters.evictions;
-    ++totals_.evictions;
-    Drop(victim);
+  while (tiers_[t].counters.used_bytes + need > target) {
+    if (absl::Status s = FreeOne(t); !s.ok()) return s;
   }
   return absl::OkStatus();
+}
+
+absl::Status BlockStore::FreeOne(int t) {
+  TierState& ts = tiers_[t];
+  uint64_t victim = 0;
+  for (auto it = ts.lru.rbegin(); it != ts.lru.rend(); ++it) {
+    if (entries_[*it].leases == 0) {
+      victim = *it;
+      break;
+    }
+  }
+  if (victim == 0) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "store: ", TierName(ts.tier->kind()), " tier is full (", ts.counters.used_bytes, " of ",
+        ts.counters.capacity_bytes, " bytes) and every block in it is being read"));
+  }
+  if (t + 1 < static_cast<int>(tiers_.size()) && Move(victim, t + 1).ok()) {
+    return absl::OkStatus();
+  }
+  ++ts.counters.evictions;
+  ++totals_.evictions;
+  Drop(victim);
+  return absl::OkStatus();
+}
+
+absl::Status BlockStore::WriteTo(int t, uint64_t id, const BlockBytes& bytes) {
+  while (true) {
+    absl::Status s = tiers_[t].tier->Write(id, bytes);
+    if (!absl::IsResourceExhausted(s)) return s;
+    // The budget has room but the tier cannot place the bytes (a fragmented arena, alignment
+    // padding): move LRU blocks down until it can, or report the tier's own error when only
+    // leased blocks are left.
+    if (!FreeOne(t).ok()) return s;
+  }
 }
 
 absl::Status BlockStore::Move(uint64_t id, int to) {
@@ -187,7 +205,7 @@ absl::Status BlockStore::Move(uint64_t id, int to) {
     bytes = tiers_[from].tier->Read(id);
     s = bytes.status();
   }
-  if (s.ok()) s = dst.tier->Write(id, *bytes);
+  if (s.ok()) s = WriteTo(to, id, *bytes);
   --e.leases;
   if (!s.ok()) return s;
   TierState& src = tiers_[from];

@@ -4,7 +4,8 @@
 // - New blocks go to the top tier. Each tier has a byte budget; above the high watermark the
 //   least recently used blocks are demoted to the next tier until the low watermark is reached,
 //   and dropped at the bottom tier (eviction). A hit in a lower tier promotes the block to the
-//   top.
+//   top. A tier that cannot place a block although its budget allows it (a fragmented GPU arena)
+//   answers ResourceExhausted, and the store demotes more LRU blocks until the write fits.
 // - Commit is all-or-nothing: either every block of a batch becomes visible or none does.
 // - Readers take leases: a leased block is never demoted, evicted or freed; deleting it hides it
 //   at once and frees it when the last lease ends.
@@ -157,6 +158,13 @@ class BlockStore {
   // Moves down (or drops, at the bottom) unleased LRU blocks of tier `t` until
   // used + need <= target. ResourceExhausted if only leased blocks are left.
   absl::Status MakeRoom(int t, int64_t need, int64_t target) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves down (or drops) the least recently used unleased block of tier `t`.
+  // ResourceExhausted if every block there is leased.
+  absl::Status FreeOne(int t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes to tier `t`; while the tier answers ResourceExhausted (it cannot place the bytes
+  // although the budget allows them), frees one more LRU block there and retries.
+  absl::Status WriteTo(int t, uint64_t id, const BlockBytes& bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves entry `id` from its tier to tier `to` (making room there). Internal on I/O errors.
   absl::Status Move(uint64_t id, int to) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drop frees an entry now (callers ensure it is unleased); Hide removes it from view and frees

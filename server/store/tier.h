@@ -35,7 +35,10 @@ class Tier {
   virtual int64_t capacity_bytes() const = 0;
 
   // Stores `bytes` under `id` (ids are unique and never reused by the store). On error nothing
-  // remains stored under `id`. Errors: Internal/Unavailable on I/O failure.
+  // remains stored under `id`. Errors: ResourceExhausted when the tier cannot place the bytes
+  // now although the store's budget allows them (a fragmented or padded arena): the store then
+  // moves least recently used blocks out of the tier and retries; Internal/Unavailable on I/O
+  // failure.
   virtual absl::Status Write(uint64_t id, const BlockBytes& bytes) = 0;
 
   // Returns the bytes stored under `id`. NotFound if none; DataLoss/Internal on I/O errors.
@@ -46,8 +49,11 @@ class Tier {
   virtual void Erase(uint64_t id) = 0;
 };
 
-// Host memory tier (the top tier without a GPU). Never fails to write.
+// Host memory tier (the top tier without a GPU; below the GPU tier with one). Never fails to
+// write. Its blocks are ordinary (pageable) heap buffers shared with readers.
 std::unique_ptr<Tier> NewHostTier(int64_t capacity_bytes);
+
+// The GPU tier (an HBM arena) is declared in server/store/gpu_tier.h, built only with CUDA.
 
 // Disk tier: one file per block under `dir` (created if needed). Files left by an earlier run
 // are removed at start: the index lives in memory, so they could not be found again.

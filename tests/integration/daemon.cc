@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -19,7 +20,11 @@ extern char** environ;
 
 namespace vqkv::testing {
 
-std::string VqkvdPath() { return VQKV_VQKVD_PATH; }
+std::string VqkvdPath() {
+  // A packed copy on another machine (a GPU box) is named by the environment.
+  const char* env = std::getenv("VQKV_VQKVD");
+  return env != nullptr && *env != '\0' ? env : VQKV_VQKVD_PATH;
+}
 std::string PartialPutPath() { return VQKV_PARTIAL_PUT_PATH; }
 
 absl::StatusOr<std::pair<pid_t, int>> SpawnWithStdout(const std::vector<std::string>& argv,
@@ -78,6 +83,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::vector<std::str
   std::unique_ptr<Daemon> d(new Daemon);
   d->log_path_ = absl::StrCat(::testing::TempDir(), "vqkvd_", getpid(), "_", counter++, ".log");
   std::vector<std::string> argv = {VqkvdPath(), "--listen=127.0.0.1:0", "--log-level=debug"};
+  // The CPU path unless the test asks for a GPU, so results do not depend on the machine.
+  bool gpu_flag = false;
+  for (const std::string& a : args) gpu_flag = gpu_flag || a.rfind("--gpu", 0) == 0;
+  if (!gpu_flag) argv.push_back("--gpu=off");
   argv.insert(argv.end(), args.begin(), args.end());
   auto spawned = SpawnWithStdout(argv, d->log_path_);
   if (!spawned.ok()) return spawned.status();

@@ -15,13 +15,14 @@
 
 namespace vqkv::testing {
 
-// Absolute path of a test helper binary, set by CMake.
+// Absolute path of a test helper binary, set by CMake; $VQKV_VQKVD overrides vqkvd's.
 std::string VqkvdPath();
 std::string PartialPutPath();
 
 class Daemon {
  public:
   // Starts vqkvd with `--listen=127.0.0.1:0` and `args`, waiting up to 20 s for it to listen.
+  // Adds --gpu=off unless `args` has a --gpu... flag.
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const std::vector<std::string>& args = {});
   ~Daemon();
 

@@ -64,13 +64,39 @@ TEST(ConfigTest, RejectsUnknownAndMalformedInput) {
   EXPECT_FALSE(ApplyYaml("{unclosed", &c).ok());
 }
 
+TEST(ConfigTest, GpuFlagsAndYamlKeys) {
+  auto d = Parse({});
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->gpu, "auto");
+  EXPECT_EQ(d->gpu_device, 0);
+  EXPECT_EQ(d->gpu_tier_bytes, 0);  // auto
+  auto c = Parse({"--gpu=on", "--gpu-device", "1", "--gpu-tier-bytes=3GiB"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->gpu, "on");
+  EXPECT_EQ(c->gpu_device, 1);
+  EXPECT_EQ(c->gpu_tier_bytes, int64_t{3} << 30);
+  EXPECT_EQ(Parse({"--gpu-tier-bytes=auto"})->gpu_tier_bytes, 0);
+  Config y;
+  ASSERT_TRUE(ApplyYaml("gpu: off\ngpu_device: 2\ngpu_tier_bytes: 64MiB\n", &y).ok());
+  EXPECT_EQ(y.gpu, "off");
+  EXPECT_EQ(y.gpu_device, 2);
+  EXPECT_EQ(y.gpu_tier_bytes, int64_t{64} << 20);
+  EXPECT_EQ(Parse({"--gpu=maybe"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Parse({"--gpu-device=-1"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Parse({"--gpu-tier-bytes=-4"}).status().code(), absl::StatusCode::kInvalidArgument);
+  // auto: half the free HBM, capped at 8 GiB.
+  EXPECT_EQ(AutoGpuTierBytes(int64_t{6} << 30), int64_t{3} << 30);
+  EXPECT_EQ(AutoGpuTierBytes(int64_t{139} << 30), int64_t{8} << 30);
+}
+
 TEST(ConfigTest, HelpListsEveryFlagWithItsDefault) {
   bool help = false;
   ASSERT_TRUE(Parse({"--help"}, &help).ok());
   EXPECT_TRUE(help);
   const std::string u = Usage();
   for (const char* f : {"--listen", "--config", "--host-tier-bytes", "--disk-dir", "--metrics-port",
-                        "--log-level", "--max-inflight-bytes", "--shutdown-grace-seconds"}) {
+                        "--log-level", "--max-inflight-bytes", "--shutdown-grace-seconds", "--gpu",
+                        "--gpu-device", "--gpu-tier-bytes"}) {
     EXPECT_NE(u.find(f), std::string::npos) << f;
   }
   EXPECT_NE(u.find("127.0.0.1:50051"), std::string::npos);

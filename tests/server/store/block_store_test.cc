@@ -1,12 +1,16 @@
 #include "server/store/block_store.h"
 
 #include <atomic>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <random>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/store/arena_allocator.h"
 
 namespace vqkv::store {
 namespace {
@@ -37,6 +41,49 @@ class FaultyTier final : public Tier {
  private:
   TierKind kind_;
   std::unique_ptr<Tier> inner_;
+};
+
+// The GPU tier's placement logic on host memory: blocks live in one flat buffer carved by an
+// ArenaAllocator, so alignment padding and fragmentation refuse writes the budget allows.
+class ArenaTier final : public Tier {
+ public:
+  ArenaTier(int64_t cap, int64_t alignment)
+      : arena_(static_cast<size_t>(cap), '\0'), alloc_(cap, alignment) {}
+  TierKind kind() const override { return TierKind::kGpu; }
+  int64_t capacity_bytes() const override { return static_cast<int64_t>(arena_.size()); }
+  absl::Status Write(uint64_t id, const BlockBytes& b) override {
+    std::lock_guard<std::mutex> l(mu_);
+    auto off = alloc_.Allocate(static_cast<int64_t>(b->size()));
+    if (!off.has_value()) return absl::ResourceExhaustedError("arena: no room");
+    std::memcpy(arena_.data() + *off, b->data(), b->size());
+    where_[id] = {*off, static_cast<int64_t>(b->size())};
+    ++writes;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<BlockBytes> Read(uint64_t id) override {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = where_.find(id);
+    if (it == where_.end()) return absl::NotFoundError("arena: no block");
+    return std::make_shared<const std::string>(arena_.data() + it->second.first, it->second.second);
+  }
+  void Erase(uint64_t id) override {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = where_.find(id);
+    if (it == where_.end()) return;
+    alloc_.Free(it->second.first);
+    where_.erase(it);
+  }
+  int64_t arena_used() {
+    std::lock_guard<std::mutex> l(mu_);
+    return alloc_.used();
+  }
+  int writes = 0;
+
+ private:
+  std::mutex mu_;
+  std::string arena_;
+  ArenaAllocator alloc_;
+  std::map<uint64_t, std::pair<int64_t, int64_t>> where_;
 };
 
 BlockKey Key(int i, const std::string& model = "m") {
@@ -234,6 +281,59 @@ TEST(BlockStoreTest, DemotesToLowerTierAndPromotesOnHit) {
   EXPECT_EQ(st.tiers[0].used_bytes, 300);
   EXPECT_EQ(st.tiers[1].used_bytes, 200);
   EXPECT_EQ(s->LookupPrefix({Key(0), Key(2)}).size(), 2u);
+}
+
+TEST(BlockStoreTest, FragmentedArenaDemotesUntilTheWriteFits) {
+  StoreOptions o;
+  auto arena = std::make_unique<ArenaTier>(1024, 256);
+  ArenaTier* gpu = arena.get();
+  o.tiers.push_back(std::move(arena));
+  o.tiers.push_back(NewHostTier(1 << 20));
+  o.high_watermark = 1.0;
+  o.low_watermark = 1.0;
+  auto s = *BlockStore::Create(std::move(o));
+  // Four 200-byte blocks take the whole arena (256-byte slots) but only 800 budget bytes.
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(s->Commit(Blocks({i}, 200)).ok());
+  EXPECT_EQ(s->Stats().tiers[0].used_bytes, 800);
+  EXPECT_EQ(gpu->arena_used(), 1024);
+  // Free slots 1 and 3: 400 budget bytes used, two 256-byte holes, no 512-byte range.
+  ASSERT_EQ(s->Delete({Key(1), Key(3)}), 2);
+  // 200 more bytes fit the budget and a hole: no demotion.
+  ASSERT_TRUE(s->Commit(Blocks({4}, 200)).ok());
+  EXPECT_EQ(s->Stats().tiers[0].demotions, 0);
+  // 300 bytes fit the budget (600 + 300 <= 1024) but no free range: the LRU blocks (0, then 2)
+  // go down to the host tier until the arena has a range of 512.
+  ASSERT_TRUE(s->Commit(Blocks({5}, 300)).ok());
+  StoreStats st = s->Stats();
+  EXPECT_EQ(st.tiers[0].demotions, 2);
+  EXPECT_EQ(st.tiers[0].used_bytes, 500);  // blocks 4 and 5
+  EXPECT_EQ(st.tiers[1].used_bytes, 400);  // blocks 0 and 2
+  EXPECT_EQ(st.evictions, 0);
+  EXPECT_EQ(gpu->arena_used(), 256 + 512);
+  // Everything is still readable, with its own bytes, from the tier it ended in.
+  for (int i : {0, 2, 4, 5}) {
+    auto l = s->Acquire({Key(i)});
+    ASSERT_TRUE(l[0].has_value()) << i;
+    EXPECT_EQ(l[0]->bytes(), std::string(i == 5 ? 300 : 200, static_cast<char>('a' + i))) << i;
+  }
+}
+
+TEST(BlockStoreTest, ArenaThatCannotPlaceABlockOfLeasedDataFailsTheCommit) {
+  StoreOptions o;
+  o.tiers.push_back(std::make_unique<ArenaTier>(1024, 512));
+  o.tiers.push_back(NewHostTier(1 << 20));
+  o.high_watermark = 1.0;
+  o.low_watermark = 1.0;
+  auto s = *BlockStore::Create(std::move(o));
+  ASSERT_TRUE(s->Commit(Blocks({0, 1}, 100)).ok());  // two 512-byte slots, 200 budget bytes
+  auto leases = s->Acquire({Key(0), Key(1)});
+  auto r = s->Commit(Blocks({2}, 100));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_FALSE(Present(*s, 2));
+  EXPECT_EQ(s->Stats().blocks, 2);
+  leases.clear();
+  ASSERT_TRUE(s->Commit(Blocks({2}, 100)).ok());
+  EXPECT_EQ(s->Stats().tiers[0].demotions, 1);
 }
 
 TEST(BlockStoreTest, LookupPrefixStopsAtFirstMissing) {
