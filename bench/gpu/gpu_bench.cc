@@ -482,49 +482,54 @@ void DecodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double copy_tbs,
   CK(cudaFree(body));
 }
 
+// Scalar (KIVI-style) codec over --scalar_tokens tokens in --block-token blocks, fp16 KV, 2 and
+// 4 bits, group 32. GB/s counts every byte read and written once (fp16 KV + packed body).
 void ScalarBench(const Flags& f, double copy_tbs, cudaStream_t s) {
   const RvqConfig cfg = RvqConfig::Uniform(32, 8, 128, {1, 2}, {1, 2});
   const int64_t tokens = f.scalar_tokens;
   Batch b = MakeBatch(cfg, tokens, f.block, s);
-  const kc::ScalarSpec ss{2, 32};
-  std::vector<kc::DeviceScalarBlock> blocks;
-  size_t total = 0;
-  std::vector<size_t> off;
-  for (const auto& blk : b.blocks) {
-    off.push_back(total);
-    total += (size_t(kc::ScalarBodyBytes(blk.shape, 0, ss)) + 255) & ~size_t{255};
-  }
-  uint8_t* body;
+  const double in_bytes = double(tokens) * cfg.layers * 2 * cfg.kv_heads * cfg.head_dim * 2;
   void* out;
-  const double in_bytes = double(tokens) * 32 * 2 * 8 * 128 * 2;
-  CK(DMalloc(&body, total));
   CK(DMalloc(&out, size_t(in_bytes)));
-  size_t at = 0;
-  double body_bytes = 0;
-  for (size_t i = 0; i < b.blocks.size(); ++i) {
-    kc::DeviceScalarBlock d;
-    d.shape = b.blocks[i].shape;
-    d.in = b.blocks[i].data;
-    d.out = static_cast<char*>(out) + at;
-    at += size_t(d.shape.elements()) * 2;
-    d.body = body + off[i];
-    body_bytes += double(kc::ScalarBodyBytes(d.shape, 0, ss));
-    blocks.push_back(d);
+  for (int bits : {2, 4}) {
+    const kc::ScalarSpec ss{bits, 32};
+    std::vector<kc::DeviceScalarBlock> blocks;
+    size_t total = 0;
+    std::vector<size_t> off;
+    for (const auto& blk : b.blocks) {
+      off.push_back(total);
+      total += (size_t(kc::ScalarBodyBytes(blk.shape, 0, ss)) + 255) & ~size_t{255};
+    }
+    uint8_t* body;
+    CK(DMalloc(&body, total));
+    size_t at = 0;
+    double body_bytes = 0;
+    for (size_t i = 0; i < b.blocks.size(); ++i) {
+      kc::DeviceScalarBlock d;
+      d.shape = b.blocks[i].shape;
+      d.in = b.blocks[i].data;
+      d.out = static_cast<char*>(out) + at;
+      at += size_t(d.shape.elements()) * 2;
+      d.body = body + off[i];
+      body_bytes += double(kc::ScalarBodyBytes(d.shape, 0, ss));
+      blocks.push_back(d);
+    }
+    const double qms =
+        TimeMs([&] { CKS(kc::ScalarQuantize(blocks, DType::kF16, ss, s, false)); }, f.reps, s);
+    const double dms =
+        TimeMs([&] { CKS(kc::ScalarDequantize(blocks, DType::kF16, ss, s)); }, f.reps, s);
+    const double moved = in_bytes + body_bytes;
+    const std::string label = Fmt("scalar-%.0f/g32", bits) + Fmt(", %.0f-token blocks", f.block);
+    for (int dq = 0; dq < 2; ++dq) {
+      const double ms = dq ? dms : qms;
+      Report(label + (dq ? " dequantize (fp16 out)" : " quantize (fp16 in)"),
+             Fmt("%.0f GB/s", moved / (ms * 1e-3) / 1e9), Fmt("%.0f GB/s copy", copy_tbs * 1e3),
+             Fmt("%.0f%% of copy; ", 100 * moved / (ms * 1e-3) / (copy_tbs * 1e12)) +
+                 Fmt("%.2f ms, ", ms) + Fmt("%.0f tok/s; ", tokens / (ms * 1e-3)) +
+                 Fmt("%.2f GB read+written", moved / 1e9));
+    }
+    CK(cudaFree(body));
   }
-  const double qms =
-      TimeMs([&] { CKS(kc::ScalarQuantize(blocks, DType::kF16, ss, s, false)); }, f.reps, s);
-  const double dms =
-      TimeMs([&] { CKS(kc::ScalarDequantize(blocks, DType::kF16, ss, s)); }, f.reps, s);
-  const double moved = in_bytes + body_bytes;
-  Report("scalar-2/g32 quantize (fp16 in)", Fmt("%.0f GB/s", moved / (qms * 1e-3) / 1e9),
-         Fmt("%.0f GB/s", copy_tbs * 1e3),
-         Fmt("%.0f%% of copy; ", 100 * moved / (qms * 1e-3) / (copy_tbs * 1e12)) +
-             Fmt("%.0f tok/s", tokens / (qms * 1e-3)));
-  Report("scalar-2/g32 dequantize (fp16 out)", Fmt("%.0f GB/s", moved / (dms * 1e-3) / 1e9),
-         Fmt("%.0f GB/s", copy_tbs * 1e3),
-         Fmt("%.0f%% of copy; ", 100 * moved / (dms * 1e-3) / (copy_tbs * 1e12)) +
-             Fmt("%.0f tok/s", tokens / (dms * 1e-3)));
-  CK(cudaFree(body));
   CK(cudaFree(out));
   CK(cudaFree(b.data));
 }

@@ -5,7 +5,10 @@
 #   ../shared/tools/device-pack build-cuda/tests/gpu/vqkv_gpu_tests build-cuda/bench/gpu/gpu_bench
 #   bench/gpu/run_device.sh [all|tests|sanitize|bench|torch|fit] ...
 # Logs go to $OUT (default ./out); each step has its own time limit so one hang cannot eat
-# the whole call. Prints a short summary last.
+# the whole call. Prints a short summary last. TESTS_FILTER, MEMCHECK_FILTER, RACECHECK_FILTER
+# (gtest filters) and BENCH_ARGS narrow the steps, e.g. the scalar codec alone:
+#   TESTS_FILTER='*Scalar*' MEMCHECK_FILTER='*Scalar*' RACECHECK_FILTER='*Scalar*' \
+#   BENCH_ARGS=--skip=encode,decode,cublas,fit bench/gpu/run_device.sh tests sanitize bench
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -22,7 +25,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
   2>&1 | tee "$OUT/smi.txt"
 
 if want tests; then
-  timeout ${TESTS_T:-300} "$here/bin/vqkv_gpu_tests" --gtest_brief=1 >"$OUT/gpu_tests.log" 2>&1
+  timeout ${TESTS_T:-300} "$here/bin/vqkv_gpu_tests" --gtest_brief=1 --gtest_filter="${TESTS_FILTER:-*}" \
+    >"$OUT/gpu_tests.log" 2>&1
   rc=$?
   summary+=("tests rc=$rc: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/gpu_tests.log" | tr '\n' ' ')")
   grep -E '^\[  FAILED|Failure|error' "$OUT/gpu_tests.log" | head -n 30
@@ -31,14 +35,14 @@ fi
 if want sanitize || want memcheck; then
   filt='*RvqEncodeTest*/one_token:*RvqEncodeTest*/d64_bf16:*RvqEncodeTest*/per_head:*RvqEncodeTest*/layer_range:*RvqEncodeTest*/tiny_codebooks:*RvqEncodeTest*/d96_f32:*RvqEncodeTest*/d256:*RvqEncodeTest*/odd_dim_exact:*RvqEncodeTest*/variant1_per_head:RvqEncodeBatch.*:RvqEncodeErrors.*:*RvqDecodeLayoutTest*f16tab_d64:*RvqDecodeLayoutTest*_d80:*RvqDecodeLayoutTest*/sglang_f16_f32tab_d256:*RvqDecodeLayoutTest*/trtllm_bf16_f16tab_d96:*RvqDecodeLayoutTest*/contiguous_f16_f16tab_d128:RvqDecodeErrors.*:*ScalarTest*:ScalarBatch.*:ScalarErrors.*:CudaCodecs.*:*FitTest*/d64_per_head:*FitTest*/fewer_points_than_k:FitErrors.*'
   timeout ${MEMCHECK_T:-240} "$CS" --tool memcheck --leak-check no --error-exitcode 99 \
-    "$here/bin/vqkv_gpu_tests" --gtest_brief=1 --gtest_filter="$filt" >"$OUT/memcheck.log" 2>&1
+    "$here/bin/vqkv_gpu_tests" --gtest_brief=1 --gtest_filter="${MEMCHECK_FILTER:-$filt}" >"$OUT/memcheck.log" 2>&1
   rc=$?
   summary+=("memcheck rc=$rc: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -n 1)")
 fi
 if want sanitize || want racecheck; then
   rfilt='*RvqEncodeTest*/one_token:*RvqEncodeTest*/variant1_per_head:*RvqEncodeTest*/d96_f32:*RvqEncodeTest*/d64_bf16:*RvqEncodeTest*/d256:*RvqDecodeLayoutTest*/vllm_f16_f16tab_d64:*ScalarTest*/group7_f32:*ScalarTest*/odd_dim33:*FitTest*/fewer_points_than_k:*FitTest*/d64_per_head'
   timeout ${RACECHECK_T:-200} "$CS" --tool racecheck --error-exitcode 99 \
-    "$here/bin/vqkv_gpu_tests" --gtest_brief=1 --gtest_filter="$rfilt" >"$OUT/racecheck.log" 2>&1
+    "$here/bin/vqkv_gpu_tests" --gtest_brief=1 --gtest_filter="${RACECHECK_FILTER:-$rfilt}" >"$OUT/racecheck.log" 2>&1
   rc=$?
   summary+=("racecheck rc=$rc: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.log" | tail -n 1)")
 fi
@@ -62,10 +66,10 @@ if want profile; then
     case $what in
       encode) kern=RvqEncodeTcKernel; args="--skip=ceilings,decode,cublas,scalar,fit --tokens=1024 --reps=1" ;;
       decode) kern=RvqDecodeKernel; args="--skip=ceilings,encode,cublas,scalar,fit --decode_tokens=4096 --reps=1" ;;
-      scalarq) kern=ScalarQuantizeK; args="--skip=ceilings,encode,decode,cublas,fit --scalar_tokens=8192 --reps=1" ;;
-      scalard) kern=ScalarDequantizeK; args="--skip=ceilings,encode,decode,cublas,fit --scalar_tokens=8192 --reps=1" ;;
+      scalarq) kern="(^|[^e])Quantize[KV]"; args="--skip=ceilings,encode,decode,cublas,fit --scalar_tokens=8192 --reps=1" ;;
+      scalard) kern="Dequantize[KV]"; args="--skip=ceilings,encode,decode,cublas,fit --scalar_tokens=8192 --reps=1" ;;
     esac
-    timeout ${PROFILE_T:-150} "$NCU" --clock-control none -k regex:$kern --launch-count 1 \
+    timeout ${PROFILE_T:-150} "$NCU" --clock-control none -k "regex:$kern" --launch-count ${PROFILE_LAUNCHES:-1} \
       $sections "$here/bin/gpu_bench" $args >"$OUT/ncu_$what.txt" 2>&1
     summary+=("ncu $what rc=$?")
   done

@@ -56,6 +56,16 @@ absl::Status Prepare(absl::Span<const DeviceScalarBlock> blocks, const ScalarSpe
   return absl::OkStatus();
 }
 
+// Largest power of two (<= 16) dividing the data address of every block that has codes.
+int32_t Alignment(absl::Span<const DeviceScalarBlock> blocks, bool quantize) {
+  uintptr_t bits = 16;
+  for (const DeviceScalarBlock& blk : blocks) {
+    if (blk.shape.tokens <= blk.sinks) continue;
+    bits |= reinterpret_cast<uintptr_t>(quantize ? blk.in : static_cast<const void*>(blk.out));
+  }
+  return static_cast<int32_t>(bits & (~bits + 1));
+}
+
 }  // namespace
 
 int64_t ScalarBodyBytes(const KvShape& s, int sinks, const ScalarSpec& spec) {
@@ -72,18 +82,8 @@ absl::Status ScalarQuantize(absl::Span<const DeviceScalarBlock> blocks, DType in
   VQKV_RETURN_IF_ERROR(Prepare(blocks, spec, true, &sb, &max_tokens));
   const KvShape& s0 = blocks[0].shape;
   StreamScratch scratch(stream);
-  // Code regions start zeroed: words shared by two groups' runs are OR-ed.
-  for (const DeviceScalarBlock& blk : blocks) {
-    const int t1 = blk.shape.tokens - blk.sinks;
-    if (t1 <= 0) continue;
-    const ScalarBodyLayout lay =
-        ComputeScalarBodyLayout(s0.layers, t1, s0.kv_heads, s0.head_dim, spec.bits, spec.group);
-    const int64_t from = lay.k_codes & ~int64_t{3};
-    const int64_t to = (lay.bytes + 3) & ~int64_t{3};
-    VQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(blk.body + from, 0, size_t(to - from), stream),
-                              "scalar quantize: clear codes");
-  }
   ScalarParams p;
+  p.align = Alignment(blocks, true);
   VQKV_ASSIGN_OR_RETURN(p.blocks, scratch.Upload(sb, "scalar blocks"));
   p.num_blocks = static_cast<int32_t>(sb.size());
   p.layers = s0.layers;
@@ -120,6 +120,7 @@ absl::Status ScalarDequantize(absl::Span<const DeviceScalarBlock> blocks, DType 
   const KvShape& s0 = blocks[0].shape;
   StreamScratch scratch(stream);
   ScalarParams p;
+  p.align = Alignment(blocks, false);
   VQKV_ASSIGN_OR_RETURN(p.blocks, scratch.Upload(sb, "scalar blocks"));
   p.num_blocks = static_cast<int32_t>(sb.size());
   p.layers = s0.layers;

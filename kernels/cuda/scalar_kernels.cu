@@ -1,13 +1,25 @@
 // Scalar (KIVI-style) quantize / dequantize on the GPU, bit-compatible with the CPU codec: the
-// same fp16 rounding of scale and zero, the same IEEE division and round-half-away-from-zero,
+// same fp16 rounding of scale and zero, the same IEEE quotient and round-half-away-from-zero,
 // so codes are identical and dequantized values equal.
 //
-// One thread per group (K: two channels' groups per thread, so each token row is read as
-// 4-byte pairs and stays coalesced across the warp; V: one group of channels of one token).
-// Groups of up to 32 values are read once into registers; longer groups are read twice.
-// Code runs are written a word at a time; only words shared with a neighbouring run use
-// atomicOr (their bytes must start zeroed).
-#include <cfloat>
+// Fast paths (16-byte aligned data, the usual head dims and groups):
+//  - K (groups of G tokens of one channel): one thread per (4 bytes of channels, group). Each
+//    token row is read as 4-byte vectors (a warp reads 128 contiguous bytes per row), up to 32
+//    rows are kept in registers, min/max run on packed half2/bf16x2 pairs; the codes of each
+//    channel are packed into whole words and stored. (8-byte rows need ~180 registers: one CTA
+//    per SM.) Dequantize: one thread per (16 bytes of channels, group), 16-byte row stores.
+//  - V (groups of Gv channels of one token, contiguous): one lane per 16 bytes, min/max by
+//    shuffles among the lanes of a group, lanes' codes merged into words by shuffles.
+// Other shapes run one thread per group (any group size, head dim and alignment).
+//
+// Codes: `round(x - zero) / scale` half away from zero = floor(y + 1/2); y is taken as a product
+// with 1/scale, floored twice (at y + 1/2 -/+ 1e-5, by adding 1.5 * 2^23 rounding down); the two
+// floors differ only within 1e-5 of a rounding boundary (or for NaN), where the word is redone
+// with the exact IEEE division. Runs of codes are written a word at a time: words entirely inside
+// a run are stored, words shared by two runs are merged with atomicAnd/atomicOr on the run's own
+// bits, so the body needs no zeroing; the stream's zero padding is written by the last run.
+#include <algorithm>
+#include <cmath>
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/scalar_kernels.h"
@@ -15,8 +27,11 @@
 namespace vqkv::kernels::cuda {
 namespace {
 
-constexpr int kScalarThreads = 256;
-constexpr int kCache = 32;  // group values kept in registers
+constexpr int kThreads = 256;
+constexpr int kChunk = 32;            // K rows kept in registers per pass
+constexpr int kVUnroll = 4;           // V chunks per lane per iteration (loads in flight)
+constexpr float kMagic = 12582912.f;  // 1.5 * 2^23: adding it leaves an integer in the low bits
+constexpr float kTieEps = 1e-5f;
 
 __device__ __forceinline__ float ToF(float v) { return v; }
 __device__ __forceinline__ float ToF(__half v) { return __half2float(v); }
@@ -36,455 +51,776 @@ __device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// Two consecutive elements (the first at an even index: 4- or 8-byte aligned).
-template <typename T>
-struct Pair {
-  T a, b;
+// min/max that return NaN when either input is NaN (a NaN makes the group's params NaN: flagged).
+__device__ __forceinline__ float MinNan(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float MaxNan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
 };
-template <typename T>
-__device__ __forceinline__ void LoadPair(const T* p, float& x, float& y) {
-  const Pair<T> v = *reinterpret_cast<const Pair<T>*>(p);
-  x = ToF(v.a);
-  y = ToF(v.b);
-}
-template <typename T>
-__device__ __forceinline__ void StorePair(T* p, float x, float y) {
-  Pair<T> v;
-  v.a = FromF<T>(x);
-  v.b = FromF<T>(y);
-  *reinterpret_cast<Pair<T>*>(p) = v;
-}
-
-// 16-byte vector access to consecutive 2-byte elements (fp16/bf16), when aligned.
-template <typename T>
-__device__ __forceinline__ bool Vec16Ok(const void* p, int n) {
-  return sizeof(T) == 2 && n == kCache && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-}
-__device__ __forceinline__ float BitsToF(uint32_t b, __half*) {
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(b)));
-}
-__device__ __forceinline__ float BitsToF(uint32_t b, __nv_bfloat16*) {
-  return __uint_as_float(b << 16);
-}
-__device__ __forceinline__ float BitsToF(uint32_t, float*) { return 0.f; }
-__device__ __forceinline__ uint32_t FToBits(float v, __half*) {
-  return __half_as_ushort(__float2half_rn(v));
-}
-__device__ __forceinline__ uint32_t FToBits(float v, __nv_bfloat16*) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-__device__ __forceinline__ uint32_t FToBits(float, float*) { return 0u; }
-
-template <typename T>
-__device__ __forceinline__ void Load8(const T* p, float* out) {
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = BitsToF(w[i] & 0xffffu, static_cast<T*>(nullptr));
-    out[2 * i + 1] = BitsToF(w[i] >> 16, static_cast<T*>(nullptr));
+// Read-only global loads of 2, 4, 8 or 16 bytes.
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> LoadVec(const T* p) {
+  constexpr int kBytes = sizeof(T) * N;
+  Vec<T, N> v;
+  if constexpr (kBytes == 16) {
+    *reinterpret_cast<uint4*>(&v) = __ldg(reinterpret_cast<const uint4*>(p));
+  } else if constexpr (kBytes == 8) {
+    *reinterpret_cast<uint2*>(&v) = __ldg(reinterpret_cast<const uint2*>(p));
+  } else if constexpr (kBytes == 4) {
+    *reinterpret_cast<unsigned*>(&v) = __ldg(reinterpret_cast<const unsigned*>(p));
+  } else {
+    *reinterpret_cast<unsigned short*>(&v) = __ldg(reinterpret_cast<const unsigned short*>(p));
   }
+  return v;
 }
-template <typename T>
-__device__ __forceinline__ void Store8(T* p, const float* in) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    w[i] = FToBits(in[2 * i], static_cast<T*>(nullptr)) |
-           (FToBits(in[2 * i + 1], static_cast<T*>(nullptr)) << 16);
-  }
-  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+template <typename T, int N>
+__device__ __forceinline__ void StoreVec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
-// Writes codes of `bits` bits starting at absolute bit `pos0` of `words`.
-struct RunWriter {
-  uint32_t* words;
-  int64_t w;
-  int off;
-  bool first_partial;
-  uint32_t cur = 0;
-  __device__ RunWriter(uint32_t* words_in, int64_t pos0)
-      : words(words_in), w(pos0 >> 5), off(static_cast<int>(pos0 & 31)), first_partial(off != 0) {}
-  __device__ void Flush(bool partial) {
-    if (partial) {
-      atomicOr(words + w, cur);
-    } else {
-      words[w] = cur;
+// Per-element min/max of rows of N values; NaN propagates.
+template <typename T>
+struct Packed2 {};
+template <>
+struct Packed2<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ type Splat(float v) { return __float2half2_rn(v); }
+};
+template <>
+struct Packed2<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ type Splat(float v) { return __float2bfloat162_rn(v); }
+};
+
+template <typename T, int N, bool kPacked = (sizeof(T) == 2 && N % 2 == 0)>
+struct MinMax {
+  float lo[N], hi[N];
+  __device__ __forceinline__ MinMax() {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      lo[j] = INFINITY;
+      hi[j] = -INFINITY;
     }
   }
-  __device__ void Put(uint32_t code, int bits) {
-    cur |= code << off;
-    if (off + bits >= 32) {
-      Flush(first_partial);
-      first_partial = false;
-      cur = off + bits > 32 ? code >> (32 - off) : 0u;
-      off = off + bits - 32;
-      ++w;
-    } else {
-      off += bits;
+  __device__ __forceinline__ void Add(const Vec<T, N>& r) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      lo[j] = MinNan(lo[j], ToF(r.v[j]));
+      hi[j] = MaxNan(hi[j], ToF(r.v[j]));
     }
   }
-  __device__ void Finish() {
-    if (off > 0) Flush(true);
+  __device__ __forceinline__ float Lo(int j) const { return lo[j]; }
+  __device__ __forceinline__ float Hi(int j) const { return hi[j]; }
+  __device__ __forceinline__ float2 All() const {
+    float a = lo[0], b = hi[0];
+#pragma unroll
+    for (int j = 1; j < N; ++j) {
+      a = MinNan(a, lo[j]);
+      b = MaxNan(b, hi[j]);
+    }
+    return make_float2(a, b);
   }
 };
 
-struct GroupParams {
-  uint16_t scale_h, zero_h;
-  float scale, zero;
+template <typename T, int N>
+struct MinMax<T, N, true> {
+  using P = Packed2<T>;
+  using H2 = typename P::type;
+  H2 lo[N / 2], hi[N / 2];
+  __device__ __forceinline__ MinMax() {
+#pragma unroll
+    for (int j = 0; j < N / 2; ++j) {
+      lo[j] = P::Splat(INFINITY);
+      hi[j] = P::Splat(-INFINITY);
+    }
+  }
+  __device__ __forceinline__ void Add(const Vec<T, N>& r) {
+    const H2* h = reinterpret_cast<const H2*>(r.v);
+#pragma unroll
+    for (int j = 0; j < N / 2; ++j) {
+      lo[j] = __hmin2_nan(lo[j], h[j]);
+      hi[j] = __hmax2_nan(hi[j], h[j]);
+    }
+  }
+  __device__ __forceinline__ float Lo(int j) const {
+    return j % 2 == 0 ? __low2float(lo[j / 2]) : __high2float(lo[j / 2]);
+  }
+  __device__ __forceinline__ float Hi(int j) const {
+    return j % 2 == 0 ? __low2float(hi[j / 2]) : __high2float(hi[j / 2]);
+  }
+  __device__ __forceinline__ float2 All() const {
+    H2 a = lo[0], b = hi[0];
+#pragma unroll
+    for (int j = 1; j < N / 2; ++j) {
+      a = __hmin2_nan(a, lo[j]);
+      b = __hmax2_nan(b, hi[j]);
+    }
+    return make_float2(MinNan(__low2float(a), __high2float(a)),
+                       MaxNan(__low2float(b), __high2float(b)));
+  }
+};
+
+// The CPU's std::min/std::max scan, which keeps the first of equal values: it decides the sign of
+// a zero minimum or maximum. Only called when the fast min or max is +-0.
+template <typename T>
+__device__ __noinline__ float2 CpuMinMax(const T* x, int64_t stride, int n) {
+  float lo = ToF(x[0]), hi = lo;
+  for (int k = 1; k < n; ++k) {
+    const float v = ToF(x[k * stride]);
+    lo = v < lo ? v : lo;
+    hi = hi < v ? v : hi;
+  }
+  return make_float2(lo, hi);
+}
+
+struct QParams {
+  float zero, scale, inv;
+  uint32_t word;  // scale | zero << 16 (fp16 bits), the body's param pair
   bool ok;
 };
 
-__device__ __forceinline__ GroupParams MakeParams(float lo, float hi, int levels) {
-  GroupParams g;
-  const __half s = __float2half_rn((hi - lo) / float(levels));
+// (hi - lo) / levels in float, rounded once, then to fp16: as the CPU. The float quotient is
+// taken from a double product with 1/levels: a float divided by 3 or 15 is never within 2^-26
+// (relative) of a float rounding boundary, and the double product is within 2^-52 of the
+// quotient, so rounding it to float gives the IEEE float quotient. 1/scale needs no exact
+// rounding: rcp.approx (1 ulp) keeps y within 5e-6 of the quotient for |y| <= 16, inside the
+// 1e-5 tie window of QuickCode.
+__device__ __forceinline__ QParams MakeParams(float lo, float hi, int levels) {
+  QParams g;
+  const float q = __double2float_rn(double(__fsub_rn(hi, lo)) * (1.0 / double(levels)));
+  const __half s = __float2half_rn(q);
   const __half z = __float2half_rn(lo);
-  g.scale_h = __half_as_ushort(s);
-  g.zero_h = __half_as_ushort(z);
+  g.word = uint32_t(__half_as_ushort(s)) | (uint32_t(__half_as_ushort(z)) << 16);
   g.scale = __half2float(s);
   g.zero = __half2float(z);
+  float r;
+  asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(g.scale));
+  g.inv = g.scale > 0.f ? r : 0.f;
   g.ok = isfinite(g.scale) && isfinite(g.zero);
   return g;
 }
 
-// Out of line so the compiler branches around it instead of predicating it into every element.
-__device__ __noinline__ int ExactRound(float a, float scale) {
-  return static_cast<int>(lroundf(a / scale));
+// clamp(floor((x - zero) * inv + 1/2), 0, levels); `tie` becomes non-zero when the exact
+// quotient could round the other way. (NaN inputs are caught by the NaN-propagating min/max.)
+template <int BITS>
+__device__ __forceinline__ uint32_t QuickCode(float x, float zero, float inv, uint32_t& tie) {
+  const float a = __fsub_rn(x, zero);
+  const float tl = __fadd_rd(__fmaf_rn(a, inv, 0.5f - kTieEps), kMagic);
+  const float th = __fadd_rd(__fmaf_rn(a, inv, 0.5f + kTieEps), kMagic);
+  tie |= __float_as_uint(tl) ^ __float_as_uint(th);
+  const float c = fminf(fmaxf(tl, kMagic), kMagic + float((1 << BITS) - 1));
+  return __float_as_uint(c) & ((1u << BITS) - 1u);
 }
 
-// round((x - zero) / scale) half away from zero, clamped to [0, levels], equal to the CPU's
-// lround of the IEEE quotient. The quotient is taken as a product with 1/scale (within 4e-6 of
-// the IEEE quotient for |q| <= 16); only values within 1e-5 of a rounding boundary, where the two
-// could round apart, pay for the exact division.
-__device__ __forceinline__ uint32_t Quant(float x, const GroupParams& g, float inv, int levels) {
-  if (!(g.scale > 0.f)) return 0u;
-  const float a = x - g.zero;
-  const float y = a * inv;
-  const float fl = floorf(y);
-  const float fr = y - fl;
-  int q;
-  if (fabsf(fr - 0.5f) > 1e-5f) {
-    q = static_cast<int>(fl) + (fr > 0.5f ? 1 : 0);
-  } else {
-    q = ExactRound(a, g.scale);
-  }
-  q = q < 0 ? 0 : (q > levels ? levels : q);
-  return static_cast<uint32_t>(q);
-}
-
-// Reads consecutive codes of one run from registers, loading each 32-bit word once (only words
-// holding bits of the run).
-struct RunReader {
-  const uint32_t* words;
-  int64_t w;
-  uint64_t buf;
-  int nbuf;
-  __device__ RunReader(const uint32_t* words_in, int64_t pos0) : words(words_in), w(pos0 >> 5) {
-    const int off = static_cast<int>(pos0 & 31);
-    buf = uint64_t(words[w]) >> off;
-    nbuf = 32 - off;
-    ++w;
-  }
-  __device__ uint32_t Get(int bits) {
-    if (nbuf < bits) {
-      buf |= uint64_t(words[w++]) << nbuf;
-      nbuf += 32;
-    }
-    const uint32_t v = static_cast<uint32_t>(buf) & ((1u << bits) - 1u);
-    buf >>= bits;
-    nbuf -= bits;
-    return v;
-  }
+struct Exact {
+  uint32_t word;
+  bool bad;
 };
+// The CPU's codes for `count` values (lround of the IEEE quotient), packed LSB-first.
+template <typename T, int BITS>
+__device__ __noinline__ Exact ExactCodes(const T* x, int64_t stride, int count, float zero,
+                                         float scale) {
+  Exact e{0u, false};
+  for (int k = 0; k < count; ++k) {
+    const float v = ToF(x[k * stride]);
+    e.bad = e.bad || !isfinite(v);
+    int q = scale > 0.f ? static_cast<int>(lroundf(__fdiv_rn(__fsub_rn(v, zero), scale))) : 0;
+    q = q < 0 ? 0 : (q > (1 << BITS) - 1 ? (1 << BITS) - 1 : q);
+    e.word |= uint32_t(q) << (k * BITS);
+  }
+  return e;
+}
 
 __device__ __forceinline__ float Dequant(uint32_t q, float scale, float zero) {
-  return __fadd_rn(zero, __fmul_rn(scale, float(q)));
+  const float qf = __fsub_rn(__uint_as_float(0x4B000000u | q), 8388608.f);  // exact
+  return __fadd_rn(zero, __fmul_rn(scale, qf));
+}
+__device__ __forceinline__ float ParamScale(uint32_t w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+}
+__device__ __forceinline__ float ParamZero(uint32_t w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
 
-__device__ __forceinline__ void MinMax(float x, float& lo, float& hi, bool& bad) {
-  bad = bad || !isfinite(x);
-  lo = fminf(lo, x);
-  hi = fmaxf(hi, x);
-}
-
-// K: thread i = ((l*H + h)*nkg + kg)*npairs + pair; channels d = 2*pair and d + 1 when D is even
-// (pairs are then 4/8-byte aligned), one channel per thread when D is odd.
-template <typename T>
-__global__ void __launch_bounds__(kScalarThreads) ScalarQuantizeK(const ScalarParams p) {
-  const ScalarBlock blk = p.blocks[blockIdx.y];
-  const int t1 = blk.tokens - blk.sinks;
-  if (t1 <= 0) return;
-  const int H = p.heads, D = p.dim, G = p.group, bits = p.bits;
-  const int levels = (1 << bits) - 1;
-  const int nkg = (t1 + G - 1) / G;
-  const int cpt = D % 2 == 0 ? 2 : 1;  // channels per thread
-  const int npairs = D / cpt;
-  const int64_t i = int64_t(blockIdx.x) * kScalarThreads + threadIdx.x;
-  if (i >= int64_t(p.layers) * H * nkg * npairs) return;
-  const ScalarBodyLayout lay = ComputeScalarBodyLayout(p.layers, t1, H, D, bits, G);
-  const int d = static_cast<int>(i % npairs) * cpt;
-  const int64_t r = i / npairs;
-  const int kg = static_cast<int>(r % nkg);
-  const int64_t lh = r / nkg;
-  const int l = static_cast<int>(lh / H), h = static_cast<int>(lh % H);
-  const int t0 = kg * G;
-  const int n = min(G, t1 - t0);
-  const bool two = cpt == 2;
-  const int64_t tstride = int64_t(H) * D;
-  const T* x0 = static_cast<const T*>(blk.in) +
-                (((int64_t(l) * 2 + 0) * blk.tokens + blk.sinks + t0) * H + h) * D + d;
-  float lo0 = FLT_MAX, hi0 = -FLT_MAX, lo1 = FLT_MAX, hi1 = -FLT_MAX;
-  bool bad = false;
-  float ca[kCache], cb[kCache];
-  const bool cached = n <= kCache;
-  if (cached) {
+// Writes `nbits` bits (LSB-first in cw) at bit `pos` of `words`. When the run ends at
+// `region_end`, it also clears the padding up to the next multiple of `pad` bits.
+template <int NW>
+__device__ __forceinline__ void WriteRun(uint32_t* words, int64_t pos, const uint32_t (&cw)[NW],
+                                         int nbits, int64_t region_end, int pad) {
+  int64_t end = pos + nbits;
+  if (end == region_end) end = (end + pad - 1) / pad * pad;
+  const int off = static_cast<int>(pos & 31);
+  const int64_t w0 = pos >> 5;
 #pragma unroll
-    for (int k = 0; k < kCache; ++k) {
-      if (k < n) {
-        if (two) {
-          LoadPair(x0 + k * tstride, ca[k], cb[k]);
-        } else {
-          ca[k] = ToF(x0[k * tstride]);
-          cb[k] = 0.f;
-        }
-        MinMax(ca[k], lo0, hi0, bad);
-        MinMax(cb[k], lo1, hi1, bad);
-      }
-    }
-  } else {
-    for (int k = 0; k < n; ++k) {
-      float a, b = 0.f;
-      if (two) {
-        LoadPair(x0 + k * tstride, a, b);
+  for (int j = 0; j <= NW; ++j) {
+    const int64_t wb = (w0 + j) << 5;
+    if (wb < end) {
+      const uint32_t val = __funnelshift_l(j > 0 ? cw[j - 1] : 0u, j < NW ? cw[j] : 0u, off);
+      const int lo = j == 0 ? off : 0;
+      const int hi = end - wb >= 32 ? 32 : static_cast<int>(end - wb);
+      if (lo == 0 && hi == 32) {
+        words[w0 + j] = val;
       } else {
-        a = ToF(x0[k * tstride]);
+        const uint32_t mask = (hi == 32 ? ~0u : (1u << hi) - 1u) & (~0u << lo);
+        atomicAnd(words + w0 + j, ~mask);
+        atomicOr(words + w0 + j, val & mask);
       }
-      MinMax(a, lo0, hi0, bad);
-      MinMax(b, lo1, hi1, bad);
     }
   }
-  uint16_t* params = reinterpret_cast<uint16_t*>(blk.body);
-  for (int ch = 0; ch < (two ? 2 : 1); ++ch) {
-    const GroupParams g = MakeParams(ch == 0 ? lo0 : lo1, ch == 0 ? hi0 : hi1, levels);
-    const float inv = g.scale > 0.f ? 1.f / g.scale : 0.f;
-    bad = bad || !g.ok;
-    const int64_t pi = ((lh * D + d + ch) * nkg + kg) * 2;
-    params[pi] = g.scale_h;
-    params[pi + 1] = g.zero_h;
-    RunWriter wr(blk.body, lay.k_codes * 8 + ((lh * D + d + ch) * t1 + t0) * bits);
-    if (cached) {
-#pragma unroll
-      for (int k = 0; k < kCache; ++k) {
-        if (k < n) wr.Put(Quant(ch == 0 ? ca[k] : cb[k], g, inv, levels), bits);
-      }
-    } else {
-      for (int k = 0; k < n; ++k) wr.Put(Quant(ToF(x0[k * tstride + ch]), g, inv, levels), bits);
-    }
-    wr.Finish();
-  }
-  if (bad && p.error_flag != nullptr) *p.error_flag = 1;
 }
 
-// V: thread i = ((l*t1 + t)*H + h)*nvg + vg, one group of gv channels of one token.
-template <typename T>
-__global__ void __launch_bounds__(kScalarThreads) ScalarQuantizeV(const ScalarParams p) {
-  const ScalarBlock blk = p.blocks[blockIdx.y];
-  const int t1 = blk.tokens - blk.sinks;
-  if (t1 <= 0) return;
-  const int H = p.heads, D = p.dim, G = p.group, bits = p.bits;
-  const int gv = G < D ? G : D;
-  const int levels = (1 << bits) - 1;
-  const int nvg = (D + gv - 1) / gv;
-  const int64_t i = int64_t(blockIdx.x) * kScalarThreads + threadIdx.x;
-  const ScalarBodyLayout lay = ComputeScalarBodyLayout(p.layers, t1, H, D, bits, G);
-  if (i >= lay.v_groups) return;
-  const int vg = static_cast<int>(i % nvg);
-  const int64_t row = i / nvg;  // (l*t1 + t)*H + h
-  const int h = static_cast<int>(row % H);
-  const int64_t lt = row / H;
-  const int t = static_cast<int>(lt % t1), l = static_cast<int>(lt / t1);
-  const int d0 = vg * gv;
-  const int n = min(gv, D - d0);
-  const T* x0 = static_cast<const T*>(blk.in) +
-                (((int64_t(l) * 2 + 1) * blk.tokens + blk.sinks + t) * H + h) * D + d0;
-  float lo = FLT_MAX, hi = -FLT_MAX;
+// Reads `nbits` (> 0) bits at bit `pos` into cw, LSB-first (bits past nbits are unspecified).
+template <int NW>
+__device__ __forceinline__ void ReadRun(const uint32_t* words, int64_t pos, int nbits,
+                                        uint32_t (&cw)[NW]) {
+  const int off = static_cast<int>(pos & 31);
+  const int64_t w0 = pos >> 5, wl = (pos + nbits - 1) >> 5;
+  uint32_t r[NW + 1];
+#pragma unroll
+  for (int j = 0; j <= NW; ++j) r[j] = w0 + j <= wl ? __ldg(words + w0 + j) : 0u;
+#pragma unroll
+  for (int j = 0; j < NW; ++j) cw[j] = __funnelshift_r(r[j], r[j + 1], off);
+}
+
+template <int BITS>
+__device__ __forceinline__ uint32_t CodeAt(const uint32_t (&cw)[BITS], int k) {
+  constexpr int kCpw = 32 / BITS;
+  return (cw[k / kCpw] >> ((k % kCpw) * BITS)) & ((1u << BITS) - 1u);
+}
+
+// One group of n values x[k * stride] (any n, stride, alignment): params, then codes 32 at a
+// time. Returns true when the group cannot be encoded (non-finite values or params).
+template <typename T, int BITS>
+__device__ __forceinline__ bool QuantRun(const T* x, int64_t stride, int n, uint32_t* body,
+                                         int64_t param_word, int64_t bitpos, int64_t region_end,
+                                         int pad) {
+  constexpr int kCpw = 32 / BITS;
+  float lo = INFINITY, hi = -INFINITY;
+  for (int k = 0; k < n; ++k) {
+    const float v = ToF(x[k * stride]);
+    lo = MinNan(lo, v);
+    hi = MaxNan(hi, v);
+  }
+  if (lo == 0.f || hi == 0.f) {
+    const float2 r = CpuMinMax(x, stride, n);
+    lo = r.x;
+    hi = r.y;
+  }
+  const QParams g = MakeParams(lo, hi, (1 << BITS) - 1);
+  body[param_word] = g.word;
+  bool bad = !g.ok;
+  for (int k0 = 0; k0 < n; k0 += kChunk) {
+    const int m = min(kChunk, n - k0);
+    uint32_t cw[BITS];
+#pragma unroll
+    for (int w = 0; w < BITS; ++w) {
+      uint32_t word = 0, tie = 0;
+#pragma unroll
+      for (int j = 0; j < kCpw; ++j) {
+        const int k = w * kCpw + j;
+        if (k < m) {
+          word += QuickCode<BITS>(ToF(x[(k0 + k) * stride]), g.zero, g.inv, tie) << (j * BITS);
+        }
+      }
+      if (tie != 0) {
+        const Exact e = ExactCodes<T, BITS>(x + (k0 + w * kCpw) * stride, stride,
+                                            min(kCpw, m - w * kCpw), g.zero, g.scale);
+        word = e.word;
+        bad = bad || e.bad;
+      }
+      cw[w] = word;
+    }
+    WriteRun<BITS>(body, bitpos + int64_t(k0) * BITS, cw, m * BITS, region_end, pad);
+  }
+  return bad;
+}
+
+template <typename T, int BITS>
+__device__ __forceinline__ void DequantRun(T* y, int64_t stride, int n, const uint32_t* body,
+                                           int64_t param_word, int64_t bitpos) {
+  const uint32_t pw = __ldg(body + param_word);
+  const float s = ParamScale(pw), z = ParamZero(pw);
+  for (int k0 = 0; k0 < n; k0 += kChunk) {
+    const int m = min(kChunk, n - k0);
+    uint32_t cw[BITS];
+    ReadRun<BITS>(body, bitpos + int64_t(k0) * BITS, m * BITS, cw);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      if (k < m) y[(k0 + k) * stride] = FromF<T>(Dequant(CodeAt<BITS>(cw, k), s, z));
+    }
+  }
+}
+
+// Per-block geometry shared by the kernels (grid: x work, y block, z layer).
+struct Geo {
+  int t1, HD, nkg, gv, nvg;
+  ScalarBodyLayout lay;
+  int64_t k_bit0, k_end, v_bit0, v_end;  // bit offsets of the code regions
+};
+template <int BITS>
+__device__ __forceinline__ Geo MakeGeo(const ScalarParams& p, const ScalarBlock& blk) {
+  Geo g;
+  g.t1 = blk.tokens - blk.sinks;
+  g.HD = p.heads * p.dim;
+  g.nkg = (g.t1 + p.group - 1) / p.group;
+  g.gv = p.group < p.dim ? p.group : p.dim;
+  g.nvg = (p.dim + g.gv - 1) / g.gv;
+  g.lay = ComputeScalarBodyLayout(p.layers, g.t1, p.heads, p.dim, BITS, p.group);
+  const int64_t n = int64_t(p.layers) * g.t1 * g.HD * BITS;
+  g.k_bit0 = g.lay.k_codes * 8;
+  g.k_end = g.k_bit0 + n;
+  g.v_bit0 = g.lay.v_codes * 8;
+  g.v_end = g.v_bit0 + n;
+  return g;
+}
+
+// ---- K quantize ------------------------------------------------------------------------------
+
+// One (VEC channels, group) item of the K vector kernel. kFull: the group has exactly kChunk
+// rows (no per-row predicates).
+template <typename T, int BITS, int VEC, bool kFull>
+__device__ __forceinline__ bool QuantizeKItem(const T* x0, int HD, int n, uint32_t* body,
+                                              int64_t param0, int nkg, int64_t bit0, int t1,
+                                              int64_t k_end) {
+  constexpr int kCpw = 32 / BITS;
   bool bad = false;
-  float cv[kCache];
-  const bool cached = n <= kCache;
-  if (cached && Vec16Ok<T>(x0, n)) {
+  Vec<T, VEC> raw[kChunk];
+  MinMax<T, VEC> mm;
+  if (!kFull && n > kChunk) {
+    for (int k = 0; k < n; ++k) mm.Add(LoadVec<T, VEC>(x0 + int64_t(k) * HD));
+  } else {
 #pragma unroll
-    for (int k = 0; k < kCache; k += 8) Load8(x0 + k, cv + k);
+    for (int k = 0; k < kChunk; ++k) {
+      if (kFull || k < n) raw[k] = LoadVec<T, VEC>(x0 + int64_t(k) * HD);
+    }
 #pragma unroll
-    for (int k = 0; k < kCache; ++k) MinMax(cv[k], lo, hi, bad);
-  } else if (cached) {
+    for (int k = 0; k < kChunk; ++k) {
+      if (kFull || k < n) mm.Add(raw[k]);
+    }
+  }
+  float zero[VEC], scale[VEC], inv[VEC];
 #pragma unroll
-    for (int k = 0; k < kCache; ++k) {
-      if (k < n) {
-        cv[k] = ToF(x0[k]);
-        MinMax(cv[k], lo, hi, bad);
+  for (int v = 0; v < VEC; ++v) {
+    float lo = mm.Lo(v), hi = mm.Hi(v);
+    if (lo == 0.f || hi == 0.f) {
+      const float2 r = CpuMinMax(x0 + v, HD, n);
+      lo = r.x;
+      hi = r.y;
+    }
+    const QParams g = MakeParams(lo, hi, (1 << BITS) - 1);
+    bad = bad || !g.ok;
+    body[param0 + int64_t(v) * nkg] = g.word;
+    zero[v] = g.zero;
+    scale[v] = g.scale;
+    inv[v] = g.inv;
+  }
+  for (int k0 = 0; k0 < n; k0 += kChunk) {
+    const int m = kFull ? kChunk : min(kChunk, n - k0);
+    if (!kFull && n > kChunk) {
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) {
+        if (k < m) raw[k] = LoadVec<T, VEC>(x0 + int64_t(k0 + k) * HD);
       }
     }
-  } else {
-    for (int k = 0; k < n; ++k) MinMax(ToF(x0[k]), lo, hi, bad);
-  }
-  const GroupParams g = MakeParams(lo, hi, levels);
-  const float inv = g.scale > 0.f ? 1.f / g.scale : 0.f;
-  bad = bad || !g.ok;
-  uint16_t* params = reinterpret_cast<uint16_t*>(blk.body);
-  const int64_t pi = lay.v_params / 2 + i * 2;
-  params[pi] = g.scale_h;
-  params[pi + 1] = g.zero_h;
-  RunWriter wr(blk.body, lay.v_codes * 8 + (row * D + d0) * bits);
-  if (cached) {
 #pragma unroll
-    for (int k = 0; k < kCache; ++k) {
-      if (k < n) wr.Put(Quant(cv[k], g, inv, levels), bits);
+    for (int v = 0; v < VEC; ++v) {
+      uint32_t cw[BITS];
+#pragma unroll
+      for (int w = 0; w < BITS; ++w) {
+        uint32_t word = 0, tie = 0;
+#pragma unroll
+        for (int j = 0; j < kCpw; ++j) {
+          const int k = w * kCpw + j;
+          if (kFull || k < m) {
+            word += QuickCode<BITS>(ToF(raw[k].v[v]), zero[v], inv[v], tie) << (j * BITS);
+          }
+        }
+        if (tie != 0) {
+          const Exact e = ExactCodes<T, BITS>(x0 + v + int64_t(k0 + w * kCpw) * HD, HD,
+                                              min(kCpw, m - w * kCpw), zero[v], scale[v]);
+          word = e.word;
+          bad = bad || e.bad;
+        }
+        cw[w] = word;
+      }
+      WriteRun<BITS>(body, bit0 + (int64_t(v) * t1 + k0) * BITS, cw, m * BITS, k_end, 8);
     }
-  } else {
-    for (int k = 0; k < n; ++k) wr.Put(Quant(ToF(x0[k]), g, inv, levels), bits);
   }
-  wr.Finish();
+  return bad;
+}
+
+// One thread per (VEC channels, group of G tokens); VEC * sizeof(T) == 4, rows 4-byte aligned.
+template <typename T, int BITS, int VEC>
+__global__ void __launch_bounds__(kThreads, 2) QuantizeKVec(const ScalarParams p) {
+  const ScalarBlock blk = p.blocks[blockIdx.y];
+  if (blk.tokens - blk.sinks <= 0) return;
+  const Geo geo = MakeGeo<BITS>(p, blk);
+  const int l = blockIdx.z, HD = geo.HD, t1 = geo.t1, G = p.group, nkg = geo.nkg;
+  const int nq = HD / VEC;
+  const int64_t items = int64_t(nkg) * nq;
+  const T* in = static_cast<const T*>(blk.in) + (int64_t(l) * 2 * blk.tokens + blk.sinks) * HD;
+  bool bad = false;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items;
+       i += int64_t(gridDim.x) * kThreads) {
+    const int kg = static_cast<int>(i / nq), q = static_cast<int>(i - int64_t(kg) * nq);
+    const int c = q * VEC, t0 = kg * G, n = min(G, t1 - t0);
+    const T* x0 = in + int64_t(t0) * HD + c;
+    const int64_t col = int64_t(l) * HD + c;
+    const int64_t bit0 = geo.k_bit0 + (col * t1 + t0) * BITS;
+    if (n == kChunk) {
+      bad = QuantizeKItem<T, BITS, VEC, true>(x0, HD, n, blk.body, col * nkg + kg, nkg, bit0, t1,
+                                              geo.k_end) ||
+            bad;
+    } else {
+      bad = QuantizeKItem<T, BITS, VEC, false>(x0, HD, n, blk.body, col * nkg + kg, nkg, bit0, t1,
+                                               geo.k_end) ||
+            bad;
+    }
+  }
   if (bad && p.error_flag != nullptr) *p.error_flag = 1;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kScalarThreads) ScalarDequantizeK(const ScalarParams p) {
+// One thread per (channel, group): any head dim and alignment.
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kThreads) QuantizeKGeneric(const ScalarParams p) {
   const ScalarBlock blk = p.blocks[blockIdx.y];
-  const int t1 = blk.tokens - blk.sinks;
-  if (t1 <= 0) return;
-  const int H = p.heads, D = p.dim, G = p.group, bits = p.bits;
-  const int nkg = (t1 + G - 1) / G;
-  const int cpt = D % 2 == 0 ? 2 : 1;  // channels per thread
-  const int npairs = D / cpt;
-  const int64_t i = int64_t(blockIdx.x) * kScalarThreads + threadIdx.x;
-  if (i >= int64_t(p.layers) * H * nkg * npairs) return;
-  const ScalarBodyLayout lay = ComputeScalarBodyLayout(p.layers, t1, H, D, bits, G);
-  const int d = static_cast<int>(i % npairs) * cpt;
-  const int64_t r = i / npairs;
-  const int kg = static_cast<int>(r % nkg);
-  const int64_t lh = r / nkg;
-  const int l = static_cast<int>(lh / H), h = static_cast<int>(lh % H);
-  const int t0 = kg * G;
-  const int n = min(G, t1 - t0);
-  const bool two = cpt == 2;
-  const uint16_t* params = reinterpret_cast<const uint16_t*>(blk.body);
-  const int64_t pa = ((lh * D + d) * nkg + kg) * 2, pb = pa + int64_t(nkg) * 2;
-  const float sa = __half2float(__ushort_as_half(params[pa]));
-  const float za = __half2float(__ushort_as_half(params[pa + 1]));
-  const float sb = two ? __half2float(__ushort_as_half(params[pb])) : 0.f;
-  const float zb = two ? __half2float(__ushort_as_half(params[pb + 1])) : 0.f;
-  const int64_t ba = lay.k_codes * 8 + ((lh * D + d) * t1 + t0) * bits;
-  const int64_t bb = ba + int64_t(t1) * bits;
-  const int64_t tstride = int64_t(H) * D;
-  T* x0 = static_cast<T*>(blk.out) +
-          (((int64_t(l) * 2 + 0) * blk.tokens + blk.sinks + t0) * H + h) * D + d;
-  RunReader ra(blk.body, ba);
-  if (two) {
-    RunReader rb(blk.body, bb);
-#pragma unroll 8
-    for (int k = 0; k < n; ++k) {
-      const float va = Dequant(ra.Get(bits), sa, za);
-      const float vb = Dequant(rb.Get(bits), sb, zb);
-      StorePair(x0 + k * tstride, va, vb);
+  if (blk.tokens - blk.sinks <= 0) return;
+  const Geo geo = MakeGeo<BITS>(p, blk);
+  const int l = blockIdx.z, HD = geo.HD, t1 = geo.t1, G = p.group, nkg = geo.nkg;
+  const int64_t items = int64_t(nkg) * HD;
+  const T* in = static_cast<const T*>(blk.in) + (int64_t(l) * 2 * blk.tokens + blk.sinks) * HD;
+  bool bad = false;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items;
+       i += int64_t(gridDim.x) * kThreads) {
+    const int kg = static_cast<int>(i / HD), c = static_cast<int>(i - int64_t(kg) * HD);
+    const int t0 = kg * G;
+    const int64_t col = int64_t(l) * HD + c;
+    bad = QuantRun<T, BITS>(in + int64_t(t0) * HD + c, HD, min(G, t1 - t0), blk.body,
+                            col * nkg + kg, geo.k_bit0 + (col * t1 + t0) * BITS, geo.k_end, 8) ||
+          bad;
+  }
+  if (bad && p.error_flag != nullptr) *p.error_flag = 1;
+}
+
+// ---- V quantize ------------------------------------------------------------------------------
+
+// The lane-per-16-bytes V path applies: groups are whole, a power-of-two number of lanes, and
+// every layer's codes start on a word.
+template <typename T, int BITS>
+__device__ __forceinline__ bool VFast(const ScalarParams& p, const Geo& geo) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int lpg = geo.gv / VEC;
+  return p.align >= 16 && p.dim % geo.gv == 0 && geo.gv % VEC == 0 && lpg <= 32 &&
+         (lpg & (lpg - 1)) == 0 && geo.lay.v_codes % 4 == 0 &&
+         (int64_t(geo.t1) * geo.HD * BITS) % 32 == 0;
+}
+
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kThreads, 3) QuantizeV(const ScalarParams p) {
+  const ScalarBlock blk = p.blocks[blockIdx.y];
+  if (blk.tokens - blk.sinks <= 0) return;
+  const Geo geo = MakeGeo<BITS>(p, blk);
+  const int l = blockIdx.z, HD = geo.HD, t1 = geo.t1;
+  const T* in =
+      static_cast<const T*>(blk.in) + ((int64_t(l) * 2 + 1) * blk.tokens + blk.sinks) * HD;
+  uint32_t* params = blk.body + geo.lay.v_params / 4;
+  bool bad = false;
+  if (VFast<T, BITS>(p, geo)) {
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int kLaneBits = VEC * BITS;  // 8, 16 or 32
+    constexpr int kLpw = 32 / kLaneBits;   // lanes per code word
+    const int lpg = geo.gv / VEC, lpg_shift = __ffs(lpg) - 1;
+    const int64_t cpl = int64_t(t1) * HD / VEC;  // 16-byte chunks in this layer
+    const int64_t c0 = int64_t(l) * cpl;         // chunk index of the layer's first chunk
+    uint32_t* codes = blk.body + geo.lay.v_codes / 4;
+    const int lane = threadIdx.x & 31;
+    const int64_t step = int64_t(gridDim.x) * kThreads * kVUnroll;
+    for (int64_t base = (int64_t(blockIdx.x) * kThreads + (threadIdx.x & ~31)) * kVUnroll;
+         base < cpl; base += step) {
+      Vec<T, VEC> r[kVUnroll];
+#pragma unroll
+      for (int u = 0; u < kVUnroll; ++u) {
+        const int64_t j = base + u * 32 + lane;
+        if (j < cpl) {
+          r[u] = LoadVec<T, VEC>(in + j * VEC);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) r[u].v[k] = FromF<T>(1.f);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kVUnroll; ++u) {
+        const int64_t j = base + u * 32 + lane;
+        const bool valid = j < cpl;  // whole groups and words are valid or not
+        MinMax<T, VEC> mm;
+        mm.Add(r[u]);
+        float2 lh = mm.All();
+        for (int o = 1; o < lpg; o <<= 1) {
+          lh.x = MinNan(lh.x, __shfl_xor_sync(~0u, lh.x, o));
+          lh.y = MaxNan(lh.y, __shfl_xor_sync(~0u, lh.y, o));
+        }
+        const int64_t first = j - (lane & (lpg - 1));  // the group's first chunk
+        if (valid && (lh.x == 0.f || lh.y == 0.f)) lh = CpuMinMax(in + first * VEC, 1, geo.gv);
+        const QParams g = MakeParams(lh.x, lh.y, (1 << BITS) - 1);
+        uint32_t code = 0, tie = 0;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          code += QuickCode<BITS>(ToF(r[u].v[k]), g.zero, g.inv, tie) << (k * BITS);
+        }
+        if (valid) {
+          bad = bad || !g.ok;
+          if (tie != 0) {
+            const Exact e = ExactCodes<T, BITS>(in + j * VEC, 1, VEC, g.zero, g.scale);
+            code = e.word;
+            bad = bad || e.bad;
+          }
+          if ((lane & (lpg - 1)) == 0) params[(c0 + j) >> lpg_shift] = g.word;
+        }
+        uint32_t word = code << ((lane % kLpw) * kLaneBits);
+#pragma unroll
+        for (int o = 1; o < kLpw; o <<= 1) word |= __shfl_xor_sync(~0u, word, o);
+        if (valid && lane % kLpw == 0) codes[(c0 + j) / kLpw] = word;
+      }
     }
   } else {
-#pragma unroll 8
-    for (int k = 0; k < n; ++k) x0[k * tstride] = FromF<T>(Dequant(ra.Get(bits), sa, za));
+    const int D = p.dim, gv = geo.gv, nvg = geo.nvg;
+    const int64_t items = int64_t(t1) * p.heads * nvg;
+    for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items;
+         i += int64_t(gridDim.x) * kThreads) {
+      const int vg = static_cast<int>(i % nvg);
+      const int64_t row = i / nvg;  // t * H + h
+      const int d0 = vg * gv;
+      const int64_t e0 = row * D + d0;  // element within the layer's [t1, H, D]
+      bad = QuantRun<T, BITS>(in + e0, 1, min(gv, D - d0), blk.body,
+                              geo.lay.v_params / 4 + int64_t(l) * t1 * p.heads * nvg + i,
+                              geo.v_bit0 + (int64_t(l) * t1 * HD + e0) * BITS, geo.v_end, 32) ||
+            bad;
+    }
   }
+  if (bad && p.error_flag != nullptr) *p.error_flag = 1;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kScalarThreads) ScalarDequantizeV(const ScalarParams p) {
+// ---- dequantize ------------------------------------------------------------------------------
+
+// One thread per (VEC channels, group); VEC * sizeof(T) == 16, rows 16-byte aligned.
+template <typename T, int BITS, int VEC>
+__global__ void __launch_bounds__(kThreads) DequantizeKVec(const ScalarParams p) {
   const ScalarBlock blk = p.blocks[blockIdx.y];
-  const int t1 = blk.tokens - blk.sinks;
-  if (t1 <= 0) return;
-  const int H = p.heads, D = p.dim, G = p.group, bits = p.bits;
-  const int gv = G < D ? G : D;
-  const int nvg = (D + gv - 1) / gv;
-  const int64_t i = int64_t(blockIdx.x) * kScalarThreads + threadIdx.x;
-  const ScalarBodyLayout lay = ComputeScalarBodyLayout(p.layers, t1, H, D, bits, G);
-  if (i >= lay.v_groups) return;
-  const int vg = static_cast<int>(i % nvg);
-  const int64_t row = i / nvg;
-  const int h = static_cast<int>(row % H);
-  const int64_t lt = row / H;
-  const int t = static_cast<int>(lt % t1), l = static_cast<int>(lt / t1);
-  const int d0 = vg * gv;
-  const int n = min(gv, D - d0);
-  const uint16_t* params = reinterpret_cast<const uint16_t*>(blk.body);
-  const int64_t pi = lay.v_params / 2 + i * 2;
-  const float scale = __half2float(__ushort_as_half(params[pi]));
-  const float zero = __half2float(__ushort_as_half(params[pi + 1]));
-  T* x0 = static_cast<T*>(blk.out) +
-          (((int64_t(l) * 2 + 1) * blk.tokens + blk.sinks + t) * H + h) * D + d0;
-  const int64_t b0 = lay.v_codes * 8 + (row * D + d0) * bits;
-  RunReader rd(blk.body, b0);
-  if (Vec16Ok<T>(x0, n)) {
-    float v[kCache];
+  if (blk.tokens - blk.sinks <= 0) return;
+  const Geo geo = MakeGeo<BITS>(p, blk);
+  const int l = blockIdx.z, HD = geo.HD, t1 = geo.t1, G = p.group, nkg = geo.nkg;
+  const int nq = HD / VEC;
+  const int64_t items = int64_t(nkg) * nq;
+  T* out = static_cast<T*>(blk.out) + (int64_t(l) * 2 * blk.tokens + blk.sinks) * HD;
+  const uint32_t* body = blk.body;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items;
+       i += int64_t(gridDim.x) * kThreads) {
+    const int kg = static_cast<int>(i / nq), q = static_cast<int>(i - int64_t(kg) * nq);
+    const int c = q * VEC, t0 = kg * G, n = min(G, t1 - t0);
+    float s[VEC], z[VEC];
 #pragma unroll
-    for (int k = 0; k < kCache; ++k) v[k] = Dequant(rd.Get(bits), scale, zero);
+    for (int v = 0; v < VEC; ++v) {
+      const uint32_t pw = __ldg(body + (int64_t(l) * HD + c + v) * nkg + kg);
+      s[v] = ParamScale(pw);
+      z[v] = ParamZero(pw);
+    }
+    T* y0 = out + int64_t(t0) * HD + c;
+    for (int k0 = 0; k0 < n; k0 += kChunk) {
+      const int m = min(kChunk, n - k0);
+      uint32_t cw[VEC][BITS];
 #pragma unroll
-    for (int k = 0; k < kCache; k += 8) Store8(x0 + k, v + k);
-  } else {
-#pragma unroll 8
-    for (int k = 0; k < n; ++k) x0[k] = FromF<T>(Dequant(rd.Get(bits), scale, zero));
+      for (int v = 0; v < VEC; ++v) {
+        ReadRun<BITS>(body, geo.k_bit0 + ((int64_t(l) * HD + c + v) * t1 + t0 + k0) * BITS,
+                      m * BITS, cw[v]);
+      }
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) {
+        if (k < m) {
+          Vec<T, VEC> o;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            o.v[v] = FromF<T>(Dequant(CodeAt<BITS>(cw[v], k), s[v], z[v]));
+          }
+          StoreVec<T, VEC>(y0 + int64_t(k0 + k) * HD, o);
+        }
+      }
+    }
   }
 }
 
-dim3 GridK(const ScalarParams& p, int32_t max_tokens) {
-  const int64_t groups = int64_t(p.layers) * p.heads * ((max_tokens + p.group - 1) / p.group) *
-                         (p.dim % 2 == 0 ? p.dim / 2 : p.dim);
-  return dim3(static_cast<unsigned>((groups + kScalarThreads - 1) / kScalarThreads),
-              static_cast<unsigned>(p.num_blocks));
-}
-dim3 GridV(const ScalarParams& p, int32_t max_tokens) {
-  const ScalarBodyLayout lay =
-      ComputeScalarBodyLayout(p.layers, max_tokens, p.heads, p.dim, p.bits, p.group);
-  return dim3(static_cast<unsigned>((lay.v_groups + kScalarThreads - 1) / kScalarThreads),
-              static_cast<unsigned>(p.num_blocks));
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kThreads) DequantizeKGeneric(const ScalarParams p) {
+  const ScalarBlock blk = p.blocks[blockIdx.y];
+  if (blk.tokens - blk.sinks <= 0) return;
+  const Geo geo = MakeGeo<BITS>(p, blk);
+  const int l = blockIdx.z, HD = geo.HD, t1 = geo.t1, G = p.group, nkg = geo.nkg;
+  const int64_t items = int64_t(nkg) * HD;
+  T* out = static_cast<T*>(blk.out) + (int64_t(l) * 2 * blk.tokens + blk.sinks) * HD;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items;
+       i += int64_t(gridDim.x) * kThreads) {
+    const int kg = static_cast<int>(i / HD), c = static_cast<int>(i - int64_t(kg) * HD);
+    const int t0 = kg * G;
+    const int64_t col = int64_t(l) * HD + c;
+    DequantRun<T, BITS>(out + int64_t(t0) * HD + c, HD, min(G, t1 - t0), blk.body, col * nkg + kg,
+                        geo.k_bit0 + (col * t1 + t0) * BITS);
+  }
 }
 
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kThreads) DequantizeV(const ScalarParams p) {
+  const ScalarBlock blk = p.blocks[blockIdx.y];
+  if (blk.tokens - blk.sinks <= 0) return;
+  const Geo geo = MakeGeo<BITS>(p, blk);
+  const int l = blockIdx.z, HD = geo.HD, t1 = geo.t1;
+  T* out = static_cast<T*>(blk.out) + ((int64_t(l) * 2 + 1) * blk.tokens + blk.sinks) * HD;
+  const uint32_t* body = blk.body;
+  const uint32_t* params = body + geo.lay.v_params / 4;
+  if (VFast<T, BITS>(p, geo)) {
+    constexpr int VEC = 16 / sizeof(T);
+    constexpr int kLaneBits = VEC * BITS;
+    constexpr int kLpw = 32 / kLaneBits;
+    const int lpg_shift = __ffs(geo.gv / VEC) - 1;
+    const int64_t cpl = int64_t(t1) * HD / VEC;
+    const int64_t c0 = int64_t(l) * cpl;
+    const uint32_t* codes = body + geo.lay.v_codes / 4;
+    const int64_t step = int64_t(gridDim.x) * kThreads * kVUnroll;
+    const int lane = threadIdx.x & 31;
+    for (int64_t base = (int64_t(blockIdx.x) * kThreads + (threadIdx.x & ~31)) * kVUnroll;
+         base < cpl; base += step) {
+      uint32_t pw[kVUnroll], cw[kVUnroll];
+#pragma unroll
+      for (int u = 0; u < kVUnroll; ++u) {
+        const int64_t j = base + u * 32 + lane;
+        pw[u] = cw[u] = 0u;
+        if (j < cpl) {
+          pw[u] = __ldg(params + ((c0 + j) >> lpg_shift));
+          cw[u] = __ldg(codes + (c0 + j) / kLpw) >> (((c0 + j) % kLpw) * kLaneBits);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kVUnroll; ++u) {
+        const int64_t j = base + u * 32 + lane;
+        if (j < cpl) {
+          const float s = ParamScale(pw[u]), z = ParamZero(pw[u]);
+          Vec<T, VEC> o;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            o.v[k] = FromF<T>(Dequant((cw[u] >> (k * BITS)) & ((1u << BITS) - 1u), s, z));
+          }
+          StoreVec<T, VEC>(out + j * VEC, o);
+        }
+      }
+    }
+  } else {
+    const int D = p.dim, gv = geo.gv, nvg = geo.nvg;
+    const int64_t items = int64_t(t1) * p.heads * nvg;
+    for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < items;
+         i += int64_t(gridDim.x) * kThreads) {
+      const int vg = static_cast<int>(i % nvg);
+      const int64_t row = i / nvg;
+      const int d0 = vg * gv;
+      const int64_t e0 = row * D + d0;
+      DequantRun<T, BITS>(out + e0, 1, min(gv, D - d0), body,
+                          geo.lay.v_params / 4 + int64_t(l) * t1 * p.heads * nvg + i,
+                          geo.v_bit0 + (int64_t(l) * t1 * HD + e0) * BITS);
+    }
+  }
+}
+
+// ---- launchers -------------------------------------------------------------------------------
+
+dim3 Grid(int64_t items, const ScalarParams& p) {
+  const int64_t x =
+      std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, int64_t(1) << 30));
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(p.num_blocks),
+              static_cast<unsigned>(p.layers));
+}
+// Work items per layer of the V kernels: the larger of the fast path's and the generic path's.
 template <typename T>
+int64_t VItems(const ScalarParams& p, int32_t max_tokens) {
+  const int gv = std::min(p.group, p.dim);
+  const int64_t fast =
+      (int64_t(max_tokens) * p.heads * p.dim / (16 / int(sizeof(T))) + kVUnroll - 1) / kVUnroll;
+  const int64_t generic = int64_t(max_tokens) * p.heads * ((p.dim + gv - 1) / gv);
+  return std::max(fast, generic);
+}
+
+template <typename T, int BITS>
 cudaError_t Quantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t s) {
-  ScalarQuantizeK<T><<<GridK(p, max_tokens), kScalarThreads, 0, s>>>(p);
-  cudaError_t e = cudaGetLastError();
+  constexpr int kVec = 4 / sizeof(T);
+  const int HD = p.heads * p.dim;
+  const int64_t nkg = (max_tokens + p.group - 1) / p.group;
+  if (p.align >= 4 && HD % kVec == 0) {
+    QuantizeKVec<T, BITS, kVec><<<Grid(nkg * (HD / kVec), p), kThreads, 0, s>>>(p);
+  } else {
+    QuantizeKGeneric<T, BITS><<<Grid(nkg * HD, p), kThreads, 0, s>>>(p);
+  }
+  const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  ScalarQuantizeV<T><<<GridV(p, max_tokens), kScalarThreads, 0, s>>>(p);
+  QuantizeV<T, BITS><<<Grid(VItems<T>(p, max_tokens), p), kThreads, 0, s>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int BITS>
+cudaError_t Dequantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t s) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int HD = p.heads * p.dim;
+  const int64_t nkg = (max_tokens + p.group - 1) / p.group;
+  if (p.align >= 16 && HD % kVec == 0) {
+    DequantizeKVec<T, BITS, kVec><<<Grid(nkg * (HD / kVec), p), kThreads, 0, s>>>(p);
+  } else {
+    DequantizeKGeneric<T, BITS><<<Grid(nkg * HD, p), kThreads, 0, s>>>(p);
+  }
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  DequantizeV<T, BITS><<<Grid(VItems<T>(p, max_tokens), p), kThreads, 0, s>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t Dequantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t s) {
-  ScalarDequantizeK<T><<<GridK(p, max_tokens), kScalarThreads, 0, s>>>(p);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  ScalarDequantizeV<T><<<GridV(p, max_tokens), kScalarThreads, 0, s>>>(p);
-  return cudaGetLastError();
+cudaError_t QuantizeBits(const ScalarParams& p, int32_t max_tokens, cudaStream_t s) {
+  return p.bits == 4 ? Quantize<T, 4>(p, max_tokens, s) : Quantize<T, 2>(p, max_tokens, s);
+}
+template <typename T>
+cudaError_t DequantizeBits(const ScalarParams& p, int32_t max_tokens, cudaStream_t s) {
+  return p.bits == 4 ? Dequantize<T, 4>(p, max_tokens, s) : Dequantize<T, 2>(p, max_tokens, s);
 }
 
 }  // namespace
 
 cudaError_t LaunchScalarQuantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t stream) {
   if (p.num_blocks == 0 || max_tokens <= 0) return cudaSuccess;
+  if (p.bits != 2 && p.bits != 4) return cudaErrorInvalidValue;
   switch (p.type) {
     case ElemType::kF16:
-      return Quantize<__half>(p, max_tokens, stream);
+      return QuantizeBits<__half>(p, max_tokens, stream);
     case ElemType::kBF16:
-      return Quantize<__nv_bfloat16>(p, max_tokens, stream);
+      return QuantizeBits<__nv_bfloat16>(p, max_tokens, stream);
     default:
-      return Quantize<float>(p, max_tokens, stream);
+      return QuantizeBits<float>(p, max_tokens, stream);
   }
 }
 
 cudaError_t LaunchScalarDequantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t stream) {
   if (p.num_blocks == 0 || max_tokens <= 0) return cudaSuccess;
+  if (p.bits != 2 && p.bits != 4) return cudaErrorInvalidValue;
   switch (p.type) {
     case ElemType::kF16:
-      return Dequantize<__half>(p, max_tokens, stream);
+      return DequantizeBits<__half>(p, max_tokens, stream);
     case ElemType::kBF16:
-      return Dequantize<__nv_bfloat16>(p, max_tokens, stream);
+      return DequantizeBits<__nv_bfloat16>(p, max_tokens, stream);
     default:
-      return Dequantize<float>(p, max_tokens, stream);
+      return DequantizeBits<float>(p, max_tokens, stream);
   }
 }
 

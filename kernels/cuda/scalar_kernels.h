@@ -60,10 +60,12 @@ struct ScalarParams {
   ElemType type = ElemType::kF16;  // in_type for quantize, out_type for dequantize
   int32_t* error_flag = nullptr;   // quantize: 1 when a scale/zero overflows fp16 or a value is
                                    // not finite
+  int32_t align = 1;  // largest power of two (<= 16) dividing every block's `in` (quantize) or
+                      // `out` (dequantize) address; 8 or 16 enable the vector paths
 };
 
-// The code regions of every body must be zero before quantize (partial words are OR-ed).
-// `max_tokens` = the largest block's non-sink token count.
+// Quantize writes every byte of the body (parameters, codes, zero padding up to the next 4-byte
+// boundary); bodies need no clearing. `max_tokens` = the largest block's non-sink token count.
 cudaError_t LaunchScalarQuantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t stream);
 cudaError_t LaunchScalarDequantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t stream);
 

@@ -2,6 +2,7 @@
 // equal, dequantized values bit-equal, guard bands intact, odd sizes and groups.
 #include <cstdio>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,8 @@ struct ScalarCase {
   const char* name;
   int dim, heads, layers, tokens, sinks, bits, group;
   DType dtype;
+  int misalign = 0;    // elements by which the input and output pointers are shifted
+  bool zeros = false;  // a third of the values and all of channel 0 are +-0
 };
 
 class ScalarTest : public ::testing::TestWithParam<ScalarCase> {};
@@ -30,6 +33,17 @@ TEST_P(ScalarTest, MatchesCpuCodecBitForBit) {
   const ScalarCase& tc = GetParam();
   const KvShape s{tc.layers, tc.tokens, tc.heads, tc.dim};
   std::vector<float> xf = testing_data::RandomKv(s, 77);
+  if (tc.zeros) {
+    // Signed zeros decide the fp16 sign of a zero scale/zero point: the GPU must pick the one
+    // the CPU's sequential std::min/std::max pick.
+    std::mt19937 rng(5);
+    for (size_t i = 0; i < xf.size(); ++i) {
+      const uint32_t r = rng();
+      if (r % 3 == 0 || i % s.head_dim == 0) {
+        xf[i] = (r >> 8) % 2 ? -0.f : 0.f;
+      }
+    }
+  }
   std::vector<uint16_t> xh;
   const void* host = xf.data();
   if (tc.dtype != DType::kF32) {
@@ -54,13 +68,14 @@ TEST_P(ScalarTest, MatchesCpuCodecBitForBit) {
   ASSERT_EQ(ScalarBodyBytes(s, tc.sinks, ss), int64_t(cpu_body.size()));
 
   const size_t in_bytes = size_t(s.elements()) * DTypeSize(tc.dtype);
-  GuardedBuffer din(in_bytes);
-  din.Upload(host, in_bytes);
-  GuardedBuffer dbody((cpu_body.size() + 3) & ~size_t{3});
+  const size_t shift = size_t(tc.misalign) * DTypeSize(tc.dtype);
+  GuardedBuffer din(in_bytes + shift);
+  (void)cudaMemcpy(din.as<uint8_t>() + shift, host, in_bytes, cudaMemcpyHostToDevice);
+  GuardedBuffer dbody((cpu_body.size() + 3) & ~size_t{3});  // poisoned: quantize writes it all
   DeviceScalarBlock blk;
   blk.shape = s;
   blk.sinks = tc.sinks;
-  blk.in = din.get();
+  blk.in = din.as<uint8_t>() + shift;
   blk.body = dbody.as<uint8_t>();
   const absl::Status st = ScalarQuantize({&blk, 1}, tc.dtype, ss, nullptr);
   ASSERT_TRUE(st.ok()) << st;
@@ -70,8 +85,11 @@ TEST_P(ScalarTest, MatchesCpuCodecBitForBit) {
   const std::string gpu_body(reinterpret_cast<const char*>(gb.data()), cpu_body.size());
   size_t diff = 0;
   for (size_t i = 0; i < cpu_body.size(); ++i) diff += gpu_body[i] != cpu_body[i];
+  size_t pad_nonzero = 0;  // the bytes up to the 4-byte boundary are zero padding
+  for (size_t i = cpu_body.size(); i < gb.size(); ++i) pad_nonzero += gb[i] != 0;
   std::printf("[%s] body bytes=%zu differing=%zu\n", tc.name, cpu_body.size(), diff);
   EXPECT_EQ(diff, 0u);
+  EXPECT_EQ(pad_nonzero, 0u);
 
   // Dequantize the CPU body on the GPU, in every output dtype.
   auto ref = (*cpu)->DecodeToFloat(payloads[0]);
@@ -80,16 +98,19 @@ TEST_P(ScalarTest, MatchesCpuCodecBitForBit) {
     GuardedBuffer dcpu((cpu_body.size() + 3) & ~size_t{3});
     dcpu.Poison(0);
     dcpu.Upload(cpu_body.data(), cpu_body.size());
-    GuardedBuffer dout(size_t(s.elements()) * DTypeSize(out));
+    const size_t oshift = size_t(tc.misalign) * DTypeSize(out);
+    GuardedBuffer dout(size_t(s.elements()) * DTypeSize(out) + oshift);
     DeviceScalarBlock d;
     d.shape = s;
     d.sinks = tc.sinks;
-    d.out = dout.get();
+    d.out = dout.as<uint8_t>() + oshift;
     d.body = dcpu.as<uint8_t>();
     ASSERT_TRUE(ScalarDequantize({&d, 1}, out, ss, nullptr).ok());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(dout.GuardDamage(), 0u);
-    const std::vector<uint8_t> raw = dout.Download<uint8_t>();
+    std::vector<uint8_t> raw = dout.Download<uint8_t>();
+    for (size_t i = 0; i < oshift; ++i) EXPECT_EQ(raw[i], 0xFF) << "byte before the output";
+    raw.erase(raw.begin(), raw.begin() + oshift);
     std::vector<uint8_t> want(size_t(s.elements()) * DTypeSize(out));
     FromFloat(ref->data(), ref->size(), out, want.data());
     const size_t es = DTypeSize(out);
@@ -124,6 +145,25 @@ const ScalarCase kScalarCases[] = {
     {"odd_everything", 48, 3, 3, 29, 2, 4, 5, DType::kBF16},
     {"odd_dim33", 33, 3, 1, 17, 0, 2, 8, DType::kF16},
     {"long_groups_f32", 64, 2, 1, 300, 4, 4, 100, DType::kF32},
+    // Vector paths: word-aligned K runs (tokens a multiple of 16 / 8 codes), bench geometry.
+    {"aligned_f16", 128, 8, 2, 64, 0, 2, 32, DType::kF16},
+    {"aligned_bits4_f32", 128, 4, 2, 48, 0, 4, 32, DType::kF32},
+    {"aligned_bits4_bf16", 128, 8, 1, 96, 32, 4, 32, DType::kBF16},
+    // K groups longer than the 32 rows kept in registers; tokens not a multiple of the group.
+    {"group64_tail", 128, 2, 2, 150, 3, 2, 64, DType::kF16},
+    {"group128_bf16", 64, 4, 1, 200, 0, 4, 128, DType::kBF16},
+    // Head dims whose V groups take 4 lanes, or span a head boundary in the K vectors.
+    {"dim96_f16", 96, 3, 2, 45, 2, 2, 32, DType::kF16},
+    {"dim36_group6", 36, 3, 2, 21, 0, 2, 6, DType::kF16},
+    {"group1_f32", 16, 2, 1, 9, 0, 4, 1, DType::kF32},
+    {"group3_dim20_bf16", 20, 5, 2, 31, 5, 2, 3, DType::kBF16},
+    // Pointers 2 and 8 bytes off a 16-byte boundary: the scalar and 8-byte paths.
+    {"misaligned2_f16", 128, 8, 1, 40, 0, 2, 32, DType::kF16, 1},
+    {"misaligned8_bf16", 64, 2, 2, 40, 0, 2, 32, DType::kBF16, 4},
+    // Signed zeros (scale and zero point of +-0).
+    {"signed_zeros_f16", 64, 2, 2, 70, 2, 2, 32, DType::kF16, 0, true},
+    {"signed_zeros_bf16_odd", 33, 3, 1, 19, 0, 4, 8, DType::kBF16, 0, true},
+    {"signed_zeros_f32", 128, 4, 1, 64, 0, 4, 32, DType::kF32, 0, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ScalarTest, ::testing::ValuesIn(kScalarCases),
