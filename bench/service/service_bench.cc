@@ -315,6 +315,7 @@ std::vector<int> Ints(const std::string& s) {
 }
 
 int Main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // rows appear as they are measured
   auto flags = ParseFlags(argc, argv);
   const int calls = Ints(flags["calls"]).at(0);
   std::printf(
