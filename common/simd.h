@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace vqkv::simd {
 
@@ -55,6 +56,28 @@ inline V8 Exp8(V8 x) {
   V8 scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return Select(x <= lo, V8{}, y * scale);
+}
+
+// Register-tiled kernels handle up to 4 rows at once with the row count as a template
+// parameter: calls f(first_row, std::integral_constant<int, R>()) over [begin, end) in groups
+// of 4, then once with the 1..3 rows left.
+template <typename F>
+void ForRowGroups(int64_t begin, int64_t end, F&& f) {
+  int64_t r = begin;
+  for (; r + 4 <= end; r += 4) f(r, std::integral_constant<int, 4>());
+  switch (end - r) {
+    case 3:
+      f(r, std::integral_constant<int, 3>());
+      break;
+    case 2:
+      f(r, std::integral_constant<int, 2>());
+      break;
+    case 1:
+      f(r, std::integral_constant<int, 1>());
+      break;
+    default:
+      break;
+  }
 }
 
 }  // namespace vqkv::simd

@@ -154,21 +154,7 @@ void NearestRangeTransposed(const float* r, int64_t begin, int64_t end, int dim,
       for (int k = 0; k < R; ++k) dist[i + k] = std::max(0.f, best[k] + Dot(rows[k], rows[k], dim));
     }
   };
-  int64_t i = begin;
-  for (; i + 4 <= end; i += 4) run(i, std::integral_constant<int, 4>());
-  switch (end - i) {
-    case 3:
-      run(i, std::integral_constant<int, 3>());
-      break;
-    case 2:
-      run(i, std::integral_constant<int, 2>());
-      break;
-    case 1:
-      run(i, std::integral_constant<int, 1>());
-      break;
-    default:
-      break;
-  }
+  simd::ForRowGroups(begin, end, run);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@ namespace vqkv::model {
 namespace {
 
 using simd::Exp8;
+using simd::ForRowGroups;
 using simd::I8;
 using simd::Load8;
 using simd::Select;
@@ -248,26 +249,6 @@ void WeightedSum(const float* const* p, const float* vh, const float* ve, int hd
   }
 }
 
-// Dispatches rows in groups of up to 4 to a kernel templated on the group size.
-template <typename F>
-void ForRowGroups(int rows, F&& f) {
-  int r = 0;
-  for (; r + 4 <= rows; r += 4) f(r, std::integral_constant<int, 4>());
-  switch (rows - r) {
-    case 3:
-      f(r, std::integral_constant<int, 3>());
-      break;
-    case 2:
-      f(r, std::integral_constant<int, 2>());
-      break;
-    case 1:
-      f(r, std::integral_constant<int, 1>());
-      break;
-    default:
-      break;
-  }
-}
-
 }  // namespace
 
 void CausalAttention(const AttentionArgs& a) {
@@ -343,7 +324,7 @@ void CausalAttention(const AttentionArgs& a) {
       const float* vce = vc_of(0, kvh);
       const float* vch = vc_of(copies - 1, kvh);
       const int64_t keys = a.pos0 + t1;  // the block's last query reads keys [0, keys)
-      ForRowGroups(rows, [&](int r0, auto rn) {
+      ForRowGroups(0, rows, [&](int64_t r0, auto rn) {
         constexpr int R = decltype(rn)::value;
         const ExactRange ex{&lo[r0], &hi[r0]};
         int64_t all_hat_lo = 0, all_hat_hi = keys;  // keys every row reads reconstructed
@@ -375,7 +356,7 @@ void CausalAttention(const AttentionArgs& a) {
         row_sum[r] = SoftmaxNumerators(p, pos + 1);
         std::fill(p + pos + 1, p + keys, 0.0f);
       }
-      ForRowGroups(rows, [&](int r0, auto rn) {
+      ForRowGroups(0, rows, [&](int64_t r0, auto rn) {
         constexpr int R = decltype(rn)::value;
         int64_t len = 0;
         for (int r = 0; r < R; ++r) len = std::max<int64_t>(len, row_pos[r0 + r] + 1);
