@@ -316,7 +316,18 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
       CK(cudaFree(body));
     }
     if (tokens == f.tokens / 4) {
-      for (int variant = 1; variant <= 3; ++variant) {
+      static const char* const kVariantInfo[] = {
+          "",
+          "mma.sync, 128-row tiles, 2 CTAs/SM, 2 n-tiles in flight, top-2 per lane",
+          "mma.sync, 256-row tiles, 1 CTA/SM, top-2 per lane",
+          "mma.sync, 256-row tiles, 1 CTA/SM, top-1 per lane",
+          "mma.sync default tiles (128 rows, 2 CTAs/SM, top-1 per lane)",
+          "wgmma sm_90a, 128-row tiles, 2 CTAs/SM",
+          "wgmma sm_90a, 256-row tiles, 1 CTA/SM",
+          "wgmma sm_90a, 128-row tiles, 2 CTAs/SM, split pipelined chunks"};
+      for (int variant = 1; variant <= 7; ++variant) {
+        const int rv = kc::RvqEncodeResolvedVariant(cfg.head_dim, variant);
+        if (rv != variant) continue;  // not available here (e.g. no sm_90a)
         kc::GpuRvqOptions ov = o;
         ov.encode_variant = variant;
         const double vms =
@@ -326,9 +337,10 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
                Fmt("%.0f tok/s", tokens / (vms * 1e-3)) +
                    Fmt(" (%.0f TFLOP/s)", tokens / (vms * 1e-3) * fpt / 1e12),
                "-",
-               variant == 1   ? "128-row tiles, 2 CTAs/SM, 2 n-tiles in flight, top-2 per lane"
-               : variant == 2 ? "256-row tiles, 1 CTA/SM, top-2 per lane"
-                              : "256-row tiles, 1 CTA/SM, top-1 per lane");
+               std::string(kVariantInfo[variant]) +
+                   Fmt("; %.0f CTAs/SM",
+                       double(kc::RvqEncodeBlocksPerSm(cfg.head_dim, variant))) +
+                   (kc::RvqEncodeResolvedVariant(cfg.head_dim, 0) == variant ? " (default)" : ""));
       }
     }
     if (tokens == 1024) {

@@ -1,5 +1,7 @@
 // rvq encode kernels: the fused tensor-core kernel (scores, top-2, exact rescore, residual update
-// for every stage of a tile without leaving the SM) and an exact fp32 fallback.
+// for every stage of a tile without leaving the SM) and an exact fp32 fallback. On compute
+// capability 9.0 the default configuration is the wgmma version of the same kernel
+// (rvq_encode_sm90.cu, built for sm_90a only); the variant resolution below picks it.
 //
 // Tensor-core kernel, one CTA per tile of BM rows of one table:
 //   shared  res   [BM, D + 8] fp32      the rows' residuals, exact (as the CPU keeps them)
@@ -540,56 +542,143 @@ cudaError_t LaunchTc(const RvqEncodeParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+// Internal: the wgmma kernels of rvq_encode_sm90.cu (built only for sm_90a).
+#if defined(VQKV_ENCODE_SM90A)
+int RvqEncodeSm90TileRows(int dim, int variant);
+cudaError_t LaunchRvqEncodeSm90(const RvqEncodeParams& p, int variant, cudaStream_t stream);
+int RvqEncodeSm90BlocksPerSm(int dim, int variant);
+#endif
+
+namespace {
+
+// The wgmma kernels exist only as sm_90a machine code: usable on compute capability 9.0 alone.
+bool Sm90Usable(int dim) {
+#if defined(VQKV_ENCODE_SM90A)
+  if (dim != 64 && dim != 128) return false;
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    return false;
+  }
+  return major == 9 && minor == 0;
+#else
+  (void)dim;
+  return false;
+#endif
+}
+
+// Variant actually run for (dim, variant): 0 is the fastest measured configuration available
+// (wgmma 128-row tiles on sm_90, else the mma.sync default); unsupported variants fall back to 0.
+int ResolveVariant(int dim, int variant) {
+  if (variant >= 5 && variant <= 7) {
+    if (Sm90Usable(dim)) return variant;
+    variant = 0;
+  }
+  if (variant >= 1 && variant <= 3 && dim != 128) variant = 0;
+  if (variant < 0 || variant > 7) variant = 0;
+  if (variant == 0) return Sm90Usable(dim) ? 5 : 4;
+  return variant;
+}
+
+}  // namespace
+
 bool RvqEncodeHasTensorCorePath(int dim) {
   return dim == 64 || dim == 96 || dim == 128 || dim == 256;
 }
 
 bool RvqEncodeVariantSupported(int dim, int variant) {
-  return variant == 0 ? RvqEncodeHasTensorCorePath(dim) : (dim == 128 && variant <= 3);
+  if (!RvqEncodeHasTensorCorePath(dim)) return false;
+  if (variant == 0 || variant == 4) return true;
+  if (variant >= 1 && variant <= 3) return dim == 128;
+  if (variant >= 5 && variant <= 7) return Sm90Usable(dim);
+  return false;
+}
+
+int RvqEncodeResolvedVariant(int dim, int variant) {
+  return RvqEncodeHasTensorCorePath(dim) ? ResolveVariant(dim, variant) : -1;
 }
 
 int RvqEncodeTileRows(int dim, int variant) {
-  if (!RvqEncodeVariantSupported(dim, variant)) variant = 0;
-  switch (dim * 4 + variant) {
-    case 64 * 4:
-      return Cfg0<64>::kBM;
-    case 96 * 4:
-      return Cfg0<96>::kBM;
-    case 128 * 4:
-      return Cfg0<128>::kBM;
-    case 128 * 4 + 1:
+  if (!RvqEncodeHasTensorCorePath(dim)) return kExactTileRows;
+  const int v = ResolveVariant(dim, variant);
+  switch (v) {
+    case 1:
       return Cfg1<128>::kBM;
-    case 128 * 4 + 2:
+    case 2:
       return Cfg2<128>::kBM;
-    case 128 * 4 + 3:
+    case 3:
       return Cfg3<128>::kBM;
-    case 256 * 4:
-      return Cfg0<256>::kBM;
+#if defined(VQKV_ENCODE_SM90A)
+    case 5:
+    case 6:
+    case 7:
+      return RvqEncodeSm90TileRows(dim, v);
+#endif
     default:
-      return kExactTileRows;
+      break;
   }
+  switch (dim) {
+    case 64:
+      return Cfg0<64>::kBM;
+    case 96:
+      return Cfg0<96>::kBM;
+    case 128:
+      return Cfg0<128>::kBM;
+    default:
+      return Cfg0<256>::kBM;
+  }
+}
+
+int RvqEncodeBlocksPerSm(int dim, int variant) {
+  if (!RvqEncodeHasTensorCorePath(dim)) return -1;
+  const int v = ResolveVariant(dim, variant);
+#if defined(VQKV_ENCODE_SM90A)
+  if (v >= 5) return RvqEncodeSm90BlocksPerSm(dim, v);
+#endif
+  int n = -1;
+  cudaError_t e = cudaErrorInvalidValue;
+  auto occ = [&](auto kernel, int threads, size_t smem) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) ==
+        cudaSuccess) {
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem);
+    }
+  };
+  if (v == 1) occ(RvqEncodeTcKernel<Cfg1<128>>, Cfg1<128>::kThreads, Cfg1<128>::kSmem);
+  if (v == 2) occ(RvqEncodeTcKernel<Cfg2<128>>, Cfg2<128>::kThreads, Cfg2<128>::kSmem);
+  if (v == 3) occ(RvqEncodeTcKernel<Cfg3<128>>, Cfg3<128>::kThreads, Cfg3<128>::kSmem);
+  if (v == 4 && dim == 128) occ(RvqEncodeTcKernel<Cfg0<128>>, Cfg0<128>::kThreads, Cfg0<128>::kSmem);
+  return e == cudaSuccess ? n : -1;
 }
 
 cudaError_t LaunchRvqEncode(const RvqEncodeParams& p, cudaStream_t stream) {
   if (p.num_tiles == 0) return cudaSuccess;
-  const int variant = RvqEncodeVariantSupported(p.dim, p.variant) ? p.variant : 0;
-  switch (p.dim * 4 + variant) {
-    case 64 * 4:
-      return LaunchTc<Cfg0<64>>(p, stream);
-    case 96 * 4:
-      return LaunchTc<Cfg0<96>>(p, stream);
-    case 128 * 4:
-      return LaunchTc<Cfg0<128>>(p, stream);
-    case 128 * 4 + 1:
+  if (!RvqEncodeHasTensorCorePath(p.dim)) return cudaErrorInvalidValue;
+  switch (ResolveVariant(p.dim, p.variant)) {
+    case 1:
       return LaunchTc<Cfg1<128>>(p, stream);
-    case 128 * 4 + 2:
+    case 2:
       return LaunchTc<Cfg2<128>>(p, stream);
-    case 128 * 4 + 3:
+    case 3:
       return LaunchTc<Cfg3<128>>(p, stream);
-    case 256 * 4:
-      return LaunchTc<Cfg0<256>>(p, stream);
+#if defined(VQKV_ENCODE_SM90A)
+    case 5:
+    case 6:
+    case 7:
+      return LaunchRvqEncodeSm90(p, ResolveVariant(p.dim, p.variant), stream);
+#endif
     default:
-      return cudaErrorInvalidValue;
+      break;
+  }
+  switch (p.dim) {
+    case 64:
+      return LaunchTc<Cfg0<64>>(p, stream);
+    case 96:
+      return LaunchTc<Cfg0<96>>(p, stream);
+    case 128:
+      return LaunchTc<Cfg0<128>>(p, stream);
+    default:
+      return LaunchTc<Cfg0<256>>(p, stream);
   }
 }
 

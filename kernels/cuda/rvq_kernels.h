@@ -73,12 +73,24 @@ struct RvqEncodeParams {
   int32_t variant = 0;            // tile configuration (RvqEncodeVariantSupported)
 };
 
-// Rows per tile of the tensor-core kernel for head_dim `dim` and tile variant (0: default; 1, 2:
-// alternatives for head_dim 128, see rvq_encode.cu); for head dims without a tensor-core kernel,
-// the exact kernel's tile size. Unsupported variants fall back to 0 everywhere.
+// Tile configurations (`variant`) of the tensor-core encode:
+//   0  default: the fastest available for this device and head dim (5 on compute capability 9.0
+//      for head_dim 64/128 when built with sm_90a, else 4)
+//   1-3  mma.sync alternatives for head_dim 128 (see rvq_encode.cu)
+//   4  mma.sync default tiles (any tensor-core head dim, any sm_80+ GPU)
+//   5  wgmma (sm_90a), 128-row tiles, 2 CTAs per SM (rvq_encode_sm90.cu)
+//   6  wgmma (sm_90a), 256-row tiles, 1 CTA per SM
+//   7  wgmma (sm_90a), as 5 with each chunk split into two pipelined n32 halves
+// Unsupported variants fall back to 0 everywhere. RvqEncodeTileRows gives the rows per tile of
+// the configuration that runs (for head dims without a tensor-core kernel, the exact kernel's
+// tile size); it and LaunchRvqEncode resolve `variant` the same way for the current device.
 int RvqEncodeTileRows(int dim, int variant = 0);
 bool RvqEncodeHasTensorCorePath(int dim);
 bool RvqEncodeVariantSupported(int dim, int variant);
+// The configuration `variant` resolves to on the current device (-1 without a tensor-core path).
+int RvqEncodeResolvedVariant(int dim, int variant);
+// CTAs per SM of that configuration (occupancy calculator; -1 if unknown).
+int RvqEncodeBlocksPerSm(int dim, int variant);
 // The tensor-core kernel (dim in {64, 96, 128, 256}); tables must have cb16/cinit/scale.
 cudaError_t LaunchRvqEncode(const RvqEncodeParams& p, cudaStream_t stream);
 // The exact fp32 kernel (any dim <= 1024; only cb32 and norms are used). Slow; a reference and
