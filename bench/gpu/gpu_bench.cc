@@ -338,8 +338,7 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
                    Fmt(" (%.0f TFLOP/s)", tokens / (vms * 1e-3) * fpt / 1e12),
                "-",
                std::string(kVariantInfo[variant]) +
-                   Fmt("; %.0f CTAs/SM",
-                       double(kc::RvqEncodeBlocksPerSm(cfg.head_dim, variant))) +
+                   Fmt("; %.0f CTAs/SM", double(kc::RvqEncodeBlocksPerSm(cfg.head_dim, variant))) +
                    (kc::RvqEncodeResolvedVariant(cfg.head_dim, 0) == variant ? " (default)" : ""));
       }
     }

@@ -171,6 +171,7 @@ class GrpcClient final : public Client {
       h->set_codebook_id(o.codebook_id);
       h->set_encoding(o.codes ? v1::ENCODING_CODES : v1::ENCODING_TENSOR);
       h->set_dtype(ToProto(model.dtype));
+      if (o.device >= 0) h->set_device(o.device);
       int64_t msg_bytes = 0;
       bool ok = true;
       for (const BlockPut& b : blocks) {
@@ -231,6 +232,7 @@ class GrpcClient final : public Client {
     req.set_layer_end(o.layer_end);
     req.set_max_chunk_bytes(o.max_chunk_bytes);
     req.set_allow_missing(o.allow_missing);
+    if (o.device >= 0) req.set_device(o.device);
     std::vector<BlockGot> out;
     absl::Status st = Retry([&](grpc::ClientContext* ctx) {
       out.assign(hashes.size(), BlockGot{});
@@ -251,6 +253,7 @@ class GrpcClient final : public Client {
           b.tier = r.info().tier();
           b.codec = r.info().codec();
           b.codebook_id = r.info().codebook_id();
+          b.device = r.info().has_device() ? r.info().device() : -1;
           b.data.resize(r.info().total_bytes());
         }
         if (r.offset() < 0 || r.offset() + r.data().size() > b.data.size()) {
@@ -285,6 +288,7 @@ class GrpcClient final : public Client {
     LookupResult r;
     r.prefix_blocks = resp.prefix_blocks();
     for (int t : resp.tiers()) r.tiers.push_back(static_cast<v1::Tier>(t));
+    r.devices.assign(resp.devices().begin(), resp.devices().end());
     return r;
   }
 

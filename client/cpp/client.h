@@ -69,6 +69,7 @@ struct BlockPut {
 struct PutOptions {
   std::string codebook_id;  // "" = the model's active codebook (rvq)
   bool codes = false;       // data are codec payloads, not tensors
+  int32_t device = -1;      // GPU whose tier takes the blocks (-1: the daemon's choice)
 };
 
 struct PutResult {
@@ -84,6 +85,7 @@ struct GetOptions {
   int32_t layer_begin = 0, layer_end = 0;  // (0,0 = all)
   bool allow_missing = false;              // missing blocks come back with found = false
   int32_t max_chunk_bytes = 0;             // 0: the server default
+  int32_t device = -1;  // GPU to move the codes to and decode on (-1: where each block is)
 };
 
 struct BlockGot {
@@ -92,12 +94,14 @@ struct BlockGot {
   int32_t tokens = 0;
   int64_t first_token = 0;
   v1::Tier tier = v1::TIER_UNSPECIFIED;
+  int32_t device = -1;  // GPU the block was read from (-1: not a GPU tier)
   std::string codec, codebook_id;
 };
 
 struct LookupResult {
   int32_t prefix_blocks = 0;
   std::vector<v1::Tier> tiers;
+  std::vector<int32_t> devices;  // GPU of each block (-1: not in a GPU tier)
 };
 
 struct FitParams {

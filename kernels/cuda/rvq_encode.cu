@@ -647,7 +647,8 @@ int RvqEncodeBlocksPerSm(int dim, int variant) {
   if (v == 1) occ(RvqEncodeTcKernel<Cfg1<128>>, Cfg1<128>::kThreads, Cfg1<128>::kSmem);
   if (v == 2) occ(RvqEncodeTcKernel<Cfg2<128>>, Cfg2<128>::kThreads, Cfg2<128>::kSmem);
   if (v == 3) occ(RvqEncodeTcKernel<Cfg3<128>>, Cfg3<128>::kThreads, Cfg3<128>::kSmem);
-  if (v == 4 && dim == 128) occ(RvqEncodeTcKernel<Cfg0<128>>, Cfg0<128>::kThreads, Cfg0<128>::kSmem);
+  if (v == 4 && dim == 128)
+    occ(RvqEncodeTcKernel<Cfg0<128>>, Cfg0<128>::kThreads, Cfg0<128>::kSmem);
   return e == cudaSuccess ? n : -1;
 }
 

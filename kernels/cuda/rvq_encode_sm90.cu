@@ -39,14 +39,14 @@ struct Sm90Cfg {
   static constexpr int kNBUF = NBUF_;
   static constexpr int kMinBlocks = MINB_;
   static constexpr int kThreads = WGS_ * 128;
-  static constexpr int kKS = D_ / 16;         // k16 steps
-  static constexpr int kVW = D_ / 32;         // floats per lane in the rescore (2 or 4)
-  static constexpr int kR = R_;               // rows rescored together per warp
+  static constexpr int kKS = D_ / 16;  // k16 steps
+  static constexpr int kVW = D_ / 32;  // floats per lane in the rescore (2 or 4)
+  static constexpr int kR = R_;        // rows rescored together per warp
   // SPLIT: each chunk as two n32 halves, pipelined so that one half's MMAs always run while the
   // warpgroup works on the previous half's scores (same 32 accumulator registers).
   static constexpr bool kSplit = SPLIT_;
   static constexpr int kAhead = SPLIT_ ? NBUF_ - 2 : NBUF_ - 1;  // chunks prefetched
-  static constexpr int kCbBytes = kBN * D_ * 2;  // one chunk
+  static constexpr int kCbBytes = kBN * D_ * 2;                  // one chunk
   static constexpr size_t kCbufBytes = size_t(NBUF_) * kCbBytes;
   static constexpr size_t kResBytes = size_t(kBM) * D_ * 4;
   static constexpr size_t kCiBytes = size_t(NBUF_) * kBN * 4;
@@ -135,10 +135,10 @@ __device__ __forceinline__ uint64_t SmemDesc(uint32_t addr) {
   return (uint64_t(hi) << 32) | lo;
 }
 
-#define VQKV_ACC32(X)                                                                      \
-  X(0), X(1), X(2), X(3), X(4), X(5), X(6), X(7), X(8), X(9), X(10), X(11), X(12), X(13), \
-      X(14), X(15), X(16), X(17), X(18), X(19), X(20), X(21), X(22), X(23), X(24), X(25), \
-      X(26), X(27), X(28), X(29), X(30), X(31)
+#define VQKV_ACC32(X)                                                                            \
+  X(0), X(1), X(2), X(3), X(4), X(5), X(6), X(7), X(8), X(9), X(10), X(11), X(12), X(13), X(14), \
+      X(15), X(16), X(17), X(18), X(19), X(20), X(21), X(22), X(23), X(24), X(25), X(26), X(27), \
+      X(28), X(29), X(30), X(31)
 
 // d (64x64 fp32, this thread's 32) = a (64x16 fp16 from registers) * b (16x64 from shared) + d;
 // the first k step (kFirst) ignores d.
@@ -175,9 +175,9 @@ __device__ __forceinline__ void Wgmma64x64(float (&d)[32], const uint32_t (&a)[4
 }
 #undef VQKV_ACC32
 
-#define VQKV_ACC16(X)                                                                      \
-  X(0), X(1), X(2), X(3), X(4), X(5), X(6), X(7), X(8), X(9), X(10), X(11), X(12), X(13), \
-      X(14), X(15)
+#define VQKV_ACC16(X)                                                                            \
+  X(0), X(1), X(2), X(3), X(4), X(5), X(6), X(7), X(8), X(9), X(10), X(11), X(12), X(13), X(14), \
+      X(15)
 template <bool kFirst>
 __device__ __forceinline__ void Wgmma64x32(float (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
 #define VQKV_OUT(i) "+f"(d[i])
@@ -209,8 +209,8 @@ __device__ __forceinline__ void Wgmma64x32(float (&d)[16], const uint32_t (&a)[4
 // Running maxima m[4] ([row g | g+8] x [even | odd column]) over NJ n8 column blocks of acc,
 // whose first column is chunk column c0; csm: the chunk's score offsets.
 template <int NJ>
-__device__ __forceinline__ void ScoreMax(float (&m)[4], const float* acc, const float* csm,
-                                         int c0, uint32_t jb, uint32_t idx_mask, int q) {
+__device__ __forceinline__ void ScoreMax(float (&m)[4], const float* acc, const float* csm, int c0,
+                                         uint32_t jb, uint32_t idx_mask, int q) {
 #pragma unroll
   for (int j = 0; j < NJ; ++j) {
     const float2 ci = *reinterpret_cast<const float2*>(csm + c0 + 8 * j + 2 * q);
@@ -236,8 +236,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int g = lane >> 2;  // fragment row group
-  const int q = lane & 3;   // fragment column pair
+  const int g = lane >> 2;     // fragment row group
+  const int q = lane & 3;      // fragment column pair
   const int wrow = warp * 16;  // this warp's 16 rows (warpgroup warp/4, its warp warp%4)
 
   const RvqTile tile = p.tiles[blockIdx.x];
@@ -252,11 +252,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
   constexpr int kVecPerRow = D / 8;  // 16-byte pieces per codeword
   constexpr int kRowsPerPass = C::kThreads / kVecPerRow;
   constexpr int kPasses = C::kBN / kRowsPerPass;
-  static_assert(C::kThreads % kVecPerRow == 0 && kRowsPerPass % 8 == 0 &&
-                    C::kBN % kRowsPerPass == 0,
-                "copy passes must keep the swizzle phase");
+  static_assert(
+      C::kThreads % kVecPerRow == 0 && kRowsPerPass % 8 == 0 && C::kBN % kRowsPerPass == 0,
+      "copy passes must keep the swizzle phase");
   const int cp_n = tid / kVecPerRow, cp_v = tid % kVecPerRow;
-  const uint32_t cp_dst = (cp_v >> 3) * (C::kBN * 128) + cp_n * 128 + (((cp_v & 7) ^ (cp_n & 7)) << 4);
+  const uint32_t cp_dst =
+      (cp_v >> 3) * (C::kBN * 128) + cp_n * 128 + (((cp_v & 7) ^ (cp_n & 7)) << 4);
   const uint16_t* iss_src = tab.cb16 + cp_n * D + cp_v * 8;
   const float* iss_ci = tab.cinit + tid * 4;
   int iss_left = tab.stages * (tab.size_pad / C::kBN);  // chunks still to issue
@@ -525,7 +526,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         const int srow = __shfl_sync(0xffffffffu, my_r, mi);
         if (leader && mvalid && p.dist_out != nullptr) {
           const RvqSegment& sg = p.segments[seg];
-          if (sg.aux_offset >= 0) p.dist_out[sg.aux_offset + srow] = fmaxf(0.f, (take2 ? d2 : d1) + pr);
+          if (sg.aux_offset >= 0)
+            p.dist_out[sg.aux_offset + srow] = fmaxf(0.f, (take2 ? d2 : d1) + pr);
         }
       }
 #pragma unroll
@@ -569,8 +571,7 @@ cudaError_t Launch(const RvqEncodeParams& p, cudaStream_t stream) {
   cudaError_t e = cudaFuncSetAttribute(RvqEncodeWgmmaKernel<C>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem));
   if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(RvqEncodeWgmmaKernel<C>,
-                           cudaFuncAttributePreferredSharedMemoryCarveout,
+  e = cudaFuncSetAttribute(RvqEncodeWgmmaKernel<C>, cudaFuncAttributePreferredSharedMemoryCarveout,
                            int(cudaSharedmemCarveoutMaxShared));
   if (e != cudaSuccess) return e;
   RvqEncodeWgmmaKernel<C><<<p.num_tiles, C::kThreads, C::kSmem, stream>>>(p);

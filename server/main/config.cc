@@ -9,6 +9,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "yaml-cpp/yaml.h"
 
 namespace vqkv::vqkvd {
@@ -78,6 +80,19 @@ Flag GpuMode() {
           [](const Config& c) { return c.gpu; }};
 }
 
+Flag Choice(const char* name, std::string Config::*field, std::vector<std::string> choices,
+            const char* help) {
+  return {name, help,
+          [name, field, choices](const std::string& v, Config* c) {
+            if (std::find(choices.begin(), choices.end(), v) == choices.end()) {
+              return BadValue(name, v, absl::StrJoin(choices, "|").c_str());
+            }
+            c->*field = v;
+            return absl::OkStatus();
+          },
+          [field](const Config& c) { return c.*field; }};
+}
+
 Flag AutoOrBytes(const char* name, int64_t Config::*field, const char* help) {
   return {name, help,
           [name, field](const std::string& v, Config* c) {
@@ -119,8 +134,13 @@ const std::vector<Flag>& Flags() {
              "after the drain, how long finished replies may still flow to slow readers"),
       GpuMode(),
       Int("gpu-device", &Config::gpu_device, "CUDA device number used with --gpu"),
+      String("gpu-devices", &Config::gpu_devices,
+             "several GPUs: all, or a list like 0,1 (one GPU tier each; empty: --gpu-device)"),
       AutoOrBytes("gpu-tier-bytes", &Config::gpu_tier_bytes,
-                  "byte budget of the GPU tier (HBM arena); auto: min(free HBM / 2, 8GiB)"),
+                  "byte budget of each GPU tier (HBM arena); auto: min(free HBM / 2, 8GiB)"),
+      Choice("gpu-transfer", &Config::gpu_transfer, {"auto", "peer", "nccl", "host"},
+             "how codes move between GPUs: auto (peer copy, else NCCL, else via host), peer, "
+             "nccl, host"),
   };
   return *flags;
 }
@@ -157,6 +177,39 @@ absl::StatusOr<PreloadModel> ParseModel(const YAML::Node& n) {
 }  // namespace
 
 int64_t AutoGpuTierBytes(int64_t free_bytes) { return std::min(free_bytes / 2, int64_t{8} << 30); }
+
+absl::StatusOr<std::vector<int>> GpuDevices(const Config& config, int visible) {
+  std::vector<int> out;
+  auto check = [&](int d) -> absl::Status {
+    if (d < 0 || d >= visible) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("GPU device ", d, " does not exist (", visible, " visible)"));
+    }
+    if (std::find(out.begin(), out.end(), d) != out.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--gpu-devices=", config.gpu_devices, ": device ", d, " given twice"));
+    }
+    out.push_back(d);
+    return absl::OkStatus();
+  };
+  if (config.gpu_devices.empty()) {
+    if (absl::Status s = check(config.gpu_device); !s.ok()) return s;
+    return out;
+  }
+  if (config.gpu_devices == "all") {
+    if (visible == 0) return absl::InvalidArgumentError("--gpu-devices=all: no device visible");
+    for (int d = 0; d < visible; ++d) out.push_back(d);
+    return out;
+  }
+  for (absl::string_view part : absl::StrSplit(config.gpu_devices, ',')) {
+    int d = 0;
+    if (!absl::SimpleAtoi(part, &d)) {
+      return BadValue("gpu-devices", config.gpu_devices, "all or a list of device numbers");
+    }
+    if (absl::Status s = check(d); !s.ok()) return s;
+  }
+  return out;
+}
 
 absl::StatusOr<int64_t> ParseBytes(const std::string& text) {
   size_t i = 0;

@@ -40,12 +40,23 @@ struct Config {
   // (fail at start without one) or "off" (CPU codecs, host tier on top).
   std::string gpu = "auto";
   int32_t gpu_device = 0;
-  int64_t gpu_tier_bytes = 0;  // HBM arena; 0: auto = min(free HBM / 2, 8 GiB)
+  // Several GPUs: "" (only gpu_device), "all" (every visible device) or a list "0,1,3". One GPU
+  // tier per device; gpu_tier_bytes applies to each.
+  std::string gpu_devices;
+  int64_t gpu_tier_bytes = 0;  // HBM arena per device; 0: auto = min(free HBM / 2, 8 GiB)
+  // How codes move between GPUs: "auto" (peer copies where peer access works, else NCCL when
+  // built with it, else copies staged through host memory), "peer", "nccl" or "host".
+  std::string gpu_transfer = "auto";
   std::vector<PreloadModel> models;
 };
 
 // The gpu_tier_bytes used with "auto" (0): half the device's free memory, at most 8 GiB.
 int64_t AutoGpuTierBytes(int64_t free_bytes);
+
+// The devices vqkvd uses: [gpu_device] when gpu_devices is empty, every one of `visible` for
+// "all", else the listed ones in order. InvalidArgument for a malformed list, a repeated device
+// or one outside [0, visible).
+absl::StatusOr<std::vector<int>> GpuDevices(const Config& config, int visible);
 
 // Parses "1048576", "512MiB", "2GiB", "64KiB", "1.5G" (K/M/G/T are binary too).
 absl::StatusOr<int64_t> ParseBytes(const std::string& text);

@@ -66,6 +66,8 @@ class StatsCollectable final : public prometheus::Collectable {
       MetricType type;
       int64_t (vqkv::v1::TierStats::*get)() const;
     };
+    // Labels: tier, and device for GPU tiers only (host and disk series keep their old labels),
+    // so that a daemon with several GPUs reports each device's tier on its own.
     const PerTier per_tier[] = {
         {"vqkv_tier_capacity_bytes", "Tier byte budget.", MetricType::Gauge,
          &vqkv::v1::TierStats::capacity_bytes},
@@ -83,12 +85,23 @@ class StatsCollectable final : public prometheus::Collectable {
          &vqkv::v1::TierStats::promotions},
         {"vqkv_tier_evictions_total", "Blocks dropped from the tier.", MetricType::Counter,
          &vqkv::v1::TierStats::evictions},
+        {"vqkv_tier_transfers_in_total", "Blocks copied in from another GPU's tier.",
+         MetricType::Counter, &vqkv::v1::TierStats::transfers_in},
+        {"vqkv_tier_transfers_out_total", "Blocks copied out to another GPU's tier.",
+         MetricType::Counter, &vqkv::v1::TierStats::transfers_out},
+        {"vqkv_tier_transfer_failures_total",
+         "Device-to-device copies into the tier that failed (host path or miss instead).",
+         MetricType::Counter, &vqkv::v1::TierStats::transfer_failures},
+        {"vqkv_tier_unavailable_reads_total",
+         "Reads that failed because the tier's device was unavailable (misses).",
+         MetricType::Counter, &vqkv::v1::TierStats::unavailable_reads},
     };
     for (const PerTier& p : per_tier) {
       MetricFamily f{p.name, p.help, p.type, {}};
       for (const auto& t : s.tiers()) {
         ClientMetric m;
         m.label.push_back({"tier", TierLabel(t.tier())});
+        if (t.has_device()) m.label.push_back({"device", std::to_string(t.device())});
         (p.type == MetricType::Counter ? m.counter.value : m.gauge.value) =
             static_cast<double>((t.*p.get)());
         f.metric.push_back(std::move(m));

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "common/dtype.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -25,6 +26,7 @@
 
 #ifdef VQKV_HAVE_CUDA
 #include "kernels/cuda/cuda_codecs.h"
+#include "kernels/cuda/gpu_fit.h"
 #include "server/store/gpu_tier.h"
 #endif
 
@@ -33,17 +35,17 @@ namespace {
 
 constexpr int kMaxMessageBytes = 64 << 20;  // documented in vqkv.proto
 
-// Whether and how the GPU is used, decided once at start.
+// Whether and how the GPUs are used, decided once at start.
 struct GpuSetup {
   bool enabled = false;
-  int device = 0;
-  int64_t tier_bytes = 0;
-  std::string summary;  // for the start-up log: the device, or why there is none
+  std::vector<int> devices;         // --gpu-devices, or --gpu-device alone
+  std::vector<int64_t> tier_bytes;  // per device
+  std::string summary;              // for the start-up log: the devices, or why there are none
 };
 
-// --gpu=off: nothing CUDA is touched. auto: the GPU when the build has CUDA and a device is
-// visible. on: the same, but no GPU is an error (FailedPrecondition). A bad --gpu-device is
-// InvalidArgument in both modes.
+// --gpu=off: nothing CUDA is touched. auto: the GPUs when the build has CUDA and a device is
+// visible. on: the same, but no GPU is an error (FailedPrecondition). A bad --gpu-device or
+// --gpu-devices is InvalidArgument in both modes.
 absl::StatusOr<GpuSetup> DecideGpu(const Config& c) {
   GpuSetup g;
   if (c.gpu == "off") {
@@ -57,17 +59,26 @@ absl::StatusOr<GpuSetup> DecideGpu(const Config& c) {
     g.summary = "GPU off (no CUDA device visible)";
     return g;
   }
-  absl::StatusOr<store::GpuDeviceInfo> info = store::GetGpuDeviceInfo(c.gpu_device);
-  if (!info.ok()) return info.status();
-  if (absl::Status s = store::UseGpuDevice(c.gpu_device); !s.ok()) return s;
+  absl::StatusOr<std::vector<int>> devices = GpuDevices(c, store::GpuDeviceCount());
+  if (!devices.ok()) return devices.status();
+  std::vector<std::string> lines;
+  for (int d : *devices) {
+    absl::StatusOr<store::GpuDeviceInfo> info = store::GetGpuDeviceInfo(d);
+    if (!info.ok()) return info.status();
+    const int64_t bytes =
+        c.gpu_tier_bytes > 0 ? c.gpu_tier_bytes : AutoGpuTierBytes(info->free_bytes);
+    g.tier_bytes.push_back(bytes);
+    lines.push_back(absl::StrCat("GPU ", info->device, " (", info->name, ", sm_", info->cc_major,
+                                 info->cc_minor, ", ", info->free_bytes >> 20, " of ",
+                                 info->total_bytes >> 20, " MiB free; tier ", bytes, " bytes)"));
+  }
+  // The first device is the main thread's, so the single-GPU daemon behaves as before.
+  if (absl::Status s = store::UseGpuDevice(devices->front()); !s.ok()) return s;
   g.enabled = true;
-  g.device = c.gpu_device;
-  g.tier_bytes = c.gpu_tier_bytes > 0 ? c.gpu_tier_bytes : AutoGpuTierBytes(info->free_bytes);
+  g.devices = *std::move(devices);
   g.summary =
-      absl::StrCat("GPU ", info->device, " (", info->name, ", sm_", info->cc_major, info->cc_minor,
-                   ", ", info->free_bytes >> 20, " of ", info->total_bytes >> 20,
-                   " MiB free): codecs rvq -> rvq-cuda, scalar -> scalar-cuda; gpu tier ",
-                   g.tier_bytes, " bytes of HBM");
+      absl::StrCat(absl::StrJoin(lines, ", "), ": codecs rvq -> rvq-cuda, scalar -> scalar-cuda",
+                   g.devices.size() > 1 ? " (one instance per device)" : "");
   return g;
 #else
   if (c.gpu == "on")
@@ -79,12 +90,13 @@ absl::StatusOr<GpuSetup> DecideGpu(const Config& c) {
 
 // With a GPU: rvq and scalar run as rvq-cuda / scalar-cuda on the chosen device (the payloads
 // are the same format, so the model's codec string does not change); raw stays on the CPU.
+// With several GPUs, each model gets one instance per device: puts encode and gets decode on
+// the device of the blocks.
 void UseGpuCodecs(const GpuSetup& g, service::ServiceOptions* opts, int64_t pinned_cache_bytes) {
   if (!g.enabled) return;
 #ifdef VQKV_HAVE_CUDA
-  const int device = g.device;
-  opts->codec_factory =
-      [device](const kernels::CodecSpec& spec) -> absl::StatusOr<std::unique_ptr<kernels::Codec>> {
+  auto on_device = [](const kernels::CodecSpec& spec,
+                      int device) -> absl::StatusOr<std::unique_ptr<kernels::Codec>> {
     kernels::CodecSpec s = spec;
     if (s.name == "rvq" || s.name == "scalar") {
       // The CUDA codecs bind to the current device of the creating thread (a worker).
@@ -93,7 +105,21 @@ void UseGpuCodecs(const GpuSetup& g, service::ServiceOptions* opts, int64_t pinn
     }
     return kernels::CreateCodec(s);
   };
+  const int first = g.devices.front();
+  opts->codec_factory = [on_device, first](const kernels::CodecSpec& spec) {
+    return on_device(spec, first);
+  };
+  if (g.devices.size() > 1) {
+    opts->gpu_devices = g.devices;
+    opts->device_codec_factory = on_device;
+  }
   opts->decode_buffers = store::NewPinnedHostAllocator(pinned_cache_bytes);
+  // FitCodebook runs the residual k-means on the device (kernels/cuda/gpu_fit.h).
+  opts->fit_codebook = [first](const kernels::RvqConfig& cfg, const kernels::KvSamples& samples,
+                               const kernels::FitOptions& fo) -> absl::StatusOr<kernels::Codebook> {
+    if (absl::Status st = store::UseGpuDevice(first); !st.ok()) return st;
+    return kernels::cuda::FitCodebookGpu(cfg, samples, fo);
+  };
 #else
   (void)opts;
   (void)pinned_cache_bytes;
@@ -103,10 +129,23 @@ void UseGpuCodecs(const GpuSetup& g, service::ServiceOptions* opts, int64_t pinn
 absl::StatusOr<std::unique_ptr<store::BlockStore>> MakeStore(const Config& c, const GpuSetup& g) {
   store::StoreOptions o;
 #ifdef VQKV_HAVE_CUDA
-  if (g.enabled) {
+  std::shared_ptr<store::GpuTransport> transport;
+  if (g.enabled && g.devices.size() > 1) {
+    // Made once for the daemon's GPUs (and its NCCL communicator, when one is needed); the
+    // tiers share it, and the last tier to go tears it down.
+    store::GpuTransportOptions to;
+    to.devices = g.devices;
+    to.mode = c.gpu_transfer;
+    absl::StatusOr<std::shared_ptr<store::GpuTransport>> t = store::GpuTransport::Create(to);
+    if (!t.ok()) return t.status();
+    transport = *std::move(t);
+    spdlog::info("{}", transport->Describe());
+  }
+  for (size_t i = 0; g.enabled && i < g.devices.size(); ++i) {
     store::GpuTierOptions go;
-    go.device = g.device;
-    go.capacity_bytes = g.tier_bytes;
+    go.device = g.devices[i];
+    go.capacity_bytes = g.tier_bytes[i];
+    go.transport = transport;
     auto gpu = store::NewGpuTier(go);
     if (!gpu.ok()) return gpu.status();
     o.tiers.push_back(*std::move(gpu));
@@ -240,13 +279,16 @@ int Run(int argc, char** argv) {
 
   health->SetServingStatus(true);
   health->SetServingStatus(kServiceName, true);
-  spdlog::info("{}host tier {} bytes{}; {} workers; max in-flight {} bytes",
-               gpu->enabled ? absl::StrCat("gpu tier ", gpu->tier_bytes, " bytes, ") : "",
-               config->host_tier_bytes,
-               config->disk_dir.empty() ? std::string()
-                                        : absl::StrCat(", disk tier ", config->disk_tier_bytes,
-                                                       " bytes in ", config->disk_dir),
-               workers, config->max_inflight_bytes);
+  spdlog::info(
+      "{}host tier {} bytes{}; {} workers; max in-flight {} bytes",
+      gpu->enabled ? absl::StrCat("gpu tier ", absl::StrJoin(gpu->tier_bytes, "+"),
+                                  " bytes on device ", absl::StrJoin(gpu->devices, ","), ", ")
+                   : "",
+      config->host_tier_bytes,
+      config->disk_dir.empty()
+          ? std::string()
+          : absl::StrCat(", disk tier ", config->disk_tier_bytes, " bytes in ", config->disk_dir),
+      workers, config->max_inflight_bytes);
   std::printf("vqkvd listening on %s:%d\n", host.c_str(), port);
   std::fflush(stdout);
 

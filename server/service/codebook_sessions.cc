@@ -124,7 +124,9 @@ class FitSessionImpl final : public FitSession {
       p.set_detail(detail);
       progress(p);
     };
-    absl::StatusOr<kernels::Codebook> cb = kernels::FitCodebook(config_, samples_, opts);
+    absl::StatusOr<kernels::Codebook> cb =
+        core_->options.fit_codebook ? core_->options.fit_codebook(config_, samples_, opts)
+                                    : kernels::FitCodebook(config_, samples_, opts);
     if (!cb.ok()) return Annotate(cb.status(), "FitCodebook");
     final->set_codebook_id(cb->id());
     final->set_config(cb->config().ToString());

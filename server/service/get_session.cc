@@ -57,7 +57,14 @@ class GetSessionImpl final : public GetSession {
       VQKV_RETURN_IF_ERROR(CheckHash(req.block_hashes(i), i));
       keys.push_back({tenant, mc.model_id, codec_.codebook_id, req.block_hashes(i)});
     }
-    leases_ = core_->store->Acquire(keys);
+    store::AcquireOptions acquire;
+    if (req.has_device()) {
+      VQKV_RETURN_IF_ERROR(CheckDevice(*core_, req.device(), "GetBlocks"));
+      acquire.device = device_ = req.device();
+    }
+    // Device-to-device moves happen under the store's lock: bound them by the call's deadline.
+    acquire.deadline = ctx_.deadline;
+    leases_ = core_->store->Acquire(keys, acquire);
     for (size_t i = 0; i < leases_.size(); ++i) {
       if (!leases_[i].has_value() && !req.allow_missing()) {
         return absl::NotFoundError(
@@ -97,6 +104,7 @@ class GetSessionImpl final : public GetSession {
       info->set_codebook_id(codec_.codebook_id);
       info->set_total_bytes(static_cast<int64_t>(view.size()));
       info->set_dtype(ToProto(codes_ ? model_->config().dtype : dtype_));
+      if (lease.device() >= 0) info->set_device(lease.device());
     }
     const int64_t len = std::min<int64_t>(chunk_, static_cast<int64_t>(view.size()) - offset_);
     out->set_offset(offset_);
@@ -117,8 +125,13 @@ class GetSessionImpl final : public GetSession {
   }
 
  private:
-  // Decodes the found blocks starting at next_ (up to the first missing one, within the batch
-  // byte budget, at least one block) with one codec call.
+  // The GPU a block is decoded on: the destination the request names, else the block's own.
+  int DecodeDevice(const store::BlockStore::Lease& lease) const {
+    return device_ >= 0 ? device_ : lease.device();
+  }
+
+  // Decodes the found blocks starting at next_ (up to the first missing one or one decoded on
+  // another device, within the batch byte budget, at least one block) with one codec call.
   absl::Status DecodeBatch() {
     VQKV_RETURN_IF_ERROR(CheckDeadline(ctx_));
     const ModelConfig& mc = model_->config();
@@ -126,7 +139,9 @@ class GetSessionImpl final : public GetSession {
     std::vector<size_t> sizes;
     int64_t total = 0;
     size_t end = next_;
-    while (end < leases_.size() && leases_[end].has_value()) {
+    const int device = DecodeDevice(*leases_[next_]);
+    while (end < leases_.size() && leases_[end].has_value() &&
+           DecodeDevice(*leases_[end]) == device) {
       const int64_t bytes = mc.LayerBytes(leases_[end]->meta().tokens, dtype_) * mc.layers;
       if (end > next_ && total + bytes > core_->options.codec_batch_bytes) break;
       payloads.push_back(leases_[end]->bytes());
@@ -143,7 +158,7 @@ class GetSessionImpl final : public GetSession {
       decoded_[i] = store::HostBuffer(core_->options.decode_buffers, sizes[i]);
       outs.push_back(decoded_[i].data());
     }
-    absl::Status s = codec_.codec->DecodeBatched(payloads, dtype_, outs, sizes);
+    absl::Status s = codec_.For(device).DecodeBatched(payloads, dtype_, outs, sizes);
     if (!s.ok()) {
       return absl::DataLossError(
           absl::StrCat("GetBlocks: a stored block failed to decode: ", s.message()));
@@ -158,6 +173,7 @@ class GetSessionImpl final : public GetSession {
   BudgetHold hold_;
   std::shared_ptr<Model> model_;
   ResolvedCodec codec_;
+  int device_ = -1;  // destination GPU (-1: decode each block where it is)
   bool codes_ = false;
   DType dtype_ = DType::kF16;
   int32_t lb_ = 0, le_ = 0;

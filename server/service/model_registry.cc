@@ -64,7 +64,7 @@ absl::StatusOr<ResolvedCodec> Model::Resolve(const std::string& codebook_id) con
                                                      config_.codec_string,
                                                      ", which takes no codebook"));
     }
-    return ResolvedCodec{plain_codec_, ""};
+    return plain_codec_;
   }
   absl::MutexLock l(&mu_);
   const std::string& id = codebook_id.empty() ? active_ : codebook_id;
@@ -95,11 +95,12 @@ absl::StatusOr<bool> Model::AddCodebook(std::shared_ptr<const kernels::Codebook>
   }
   kernels::CodecSpec spec = config_.codec;
   spec.codebook = codebook;
-  VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> codec, factory_(spec));
+  VQKV_ASSIGN_OR_RETURN(ResolvedCodec codec, builder_(spec));
   absl::MutexLock l(&mu_);
   const std::string id = codebook->id();
   if (!codebooks_.contains(id)) {
-    codebooks_[id] = ResolvedCodec{std::shared_ptr<const kernels::Codec>(std::move(codec)), id};
+    codec.codebook_id = id;
+    codebooks_[id] = std::move(codec);
   }
   if (activate || active_.empty()) active_ = id;
   return active_ == id;
@@ -117,15 +118,35 @@ std::vector<std::string> Model::codebook_ids() const {
   return ids;
 }
 
-ModelRegistry::ModelRegistry(CodecFactory factory)
-    : factory_(factory ? std::move(factory) : CodecFactory(&kernels::CreateCodec)) {}
+ModelRegistry::ModelRegistry(CodecFactory factory, std::vector<int> devices,
+                             DeviceCodecFactory device_factory) {
+  if (!factory) factory = &kernels::CreateCodec;
+  if (devices.empty() || !device_factory) {
+    builder_ = [factory](const kernels::CodecSpec& spec) -> absl::StatusOr<ResolvedCodec> {
+      VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> c, factory(spec));
+      ResolvedCodec r;
+      r.codec = std::move(c);
+      return r;
+    };
+    return;
+  }
+  builder_ = [devices,
+              device_factory](const kernels::CodecSpec& spec) -> absl::StatusOr<ResolvedCodec> {
+    ResolvedCodec r;
+    for (int d : devices) {
+      VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> c, device_factory(spec, d));
+      r.on_device.emplace_back(d, std::move(c));
+    }
+    r.codec = r.on_device.front().second;
+    return r;
+  };
+}
 
 absl::StatusOr<bool> ModelRegistry::Register(const ModelConfig& config) {
-  std::shared_ptr<const kernels::Codec> plain;
+  ResolvedCodec plain;
   if (!config.rvq()) {
     // Building the codec now validates its parameters (e.g. scalar bits) at registration.
-    VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> c, factory_(config.codec));
-    plain = std::move(c);
+    VQKV_ASSIGN_OR_RETURN(plain, builder_(config.codec));
   }
   absl::MutexLock l(&mu_);
   auto it = models_.find(config.model_id);
@@ -135,7 +156,7 @@ absl::StatusOr<bool> ModelRegistry::Register(const ModelConfig& config) {
                                                  it->second->config().DebugString(), "; refusing ",
                                                  config.DebugString()));
   }
-  models_[config.model_id] = std::make_shared<Model>(config, std::move(plain), factory_);
+  models_[config.model_id] = std::make_shared<Model>(config, std::move(plain), builder_);
   return true;
 }
 

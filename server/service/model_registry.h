@@ -42,19 +42,35 @@ struct ModelConfig {
 // Creates a codec from a spec (kernels::CreateCodec, or ServiceOptions::codec_factory).
 using CodecFactory =
     std::function<absl::StatusOr<std::unique_ptr<kernels::Codec>>(const kernels::CodecSpec&)>;
+// Creates a codec that runs on a GPU (ServiceOptions::device_codec_factory).
+using DeviceCodecFactory = std::function<absl::StatusOr<std::unique_ptr<kernels::Codec>>(
+    const kernels::CodecSpec&, int device)>;
 
-// A codec ready to use, and the codebook id it is keyed under ("" for non-rvq).
+// A codec ready to use, and the codebook id it is keyed under ("" for non-rvq). With several
+// GPUs, one instance per device (each with its own device copy of the codebook).
 struct ResolvedCodec {
-  std::shared_ptr<const kernels::Codec> codec;
+  std::shared_ptr<const kernels::Codec> codec;  // the default: on the first device, or the CPU
   std::string codebook_id;
+  std::vector<std::pair<int, std::shared_ptr<const kernels::Codec>>> on_device;
+
+  // The instance that runs on `device`; `codec` for -1 or a device without one.
+  const kernels::Codec& For(int device) const {
+    for (const auto& [d, c] : on_device) {
+      if (d == device) return *c;
+    }
+    return *codec;
+  }
 };
+
+// Builds the codec instances of one spec (the default one and one per device).
+using CodecBuilder = std::function<absl::StatusOr<ResolvedCodec>(const kernels::CodecSpec&)>;
 
 class Model {
  public:
-  Model(ModelConfig config, std::shared_ptr<const kernels::Codec> plain_codec, CodecFactory factory)
+  Model(ModelConfig config, ResolvedCodec plain_codec, CodecBuilder builder)
       : config_(std::move(config)),
         plain_codec_(std::move(plain_codec)),
-        factory_(std::move(factory)) {}
+        builder_(std::move(builder)) {}
   const ModelConfig& config() const { return config_; }
 
   // The codec for `codebook_id` ("" = the active codebook for rvq; must be "" otherwise).
@@ -72,8 +88,8 @@ class Model {
 
  private:
   const ModelConfig config_;
-  const std::shared_ptr<const kernels::Codec> plain_codec_;  // non-rvq codecs
-  const CodecFactory factory_;                               // builds rvq codecs per codebook
+  const ResolvedCodec plain_codec_;  // non-rvq codecs
+  const CodecBuilder builder_;       // builds rvq codecs per codebook
   mutable absl::Mutex mu_;
   std::map<std::string, ResolvedCodec> codebooks_ ABSL_GUARDED_BY(mu_);
   std::string active_ ABSL_GUARDED_BY(mu_);
@@ -89,8 +105,11 @@ absl::StatusOr<ModelConfig> MakeModelConfig(const std::string& model_id, int32_t
 
 class ModelRegistry {
  public:
-  // `factory` builds every codec (empty: kernels::CreateCodec).
-  explicit ModelRegistry(CodecFactory factory = {});
+  // `factory` builds every codec (empty: kernels::CreateCodec). With `devices` and a
+  // `device_factory`, each codec is also built once per device (ResolvedCodec::on_device) and
+  // the default is the first device's.
+  explicit ModelRegistry(CodecFactory factory = {}, std::vector<int> devices = {},
+                         DeviceCodecFactory device_factory = {});
   // Registers `config`. Returns true if created, false if an identical model exists;
   // AlreadyExists if a different one does.
   absl::StatusOr<bool> Register(const ModelConfig& config);
@@ -99,7 +118,7 @@ class ModelRegistry {
   std::vector<std::shared_ptr<Model>> All() const;
 
  private:
-  const CodecFactory factory_;
+  CodecBuilder builder_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Model>> models_ ABSL_GUARDED_BY(mu_);
 };

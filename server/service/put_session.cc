@@ -68,7 +68,7 @@ class PutSessionImpl final : public PutSession {
     }
     blocks_.clear();
     absl::StatusOr<store::BlockStore::CommitResult> committed =
-        core_->store->Commit(std::move(out));
+        core_->store->Commit(std::move(out), device_);
     hold_.Remove(hold_.held());  // the blocks now belong to the store (or are gone)
     VQKV_ASSIGN_OR_RETURN(store::BlockStore::CommitResult r, std::move(committed));
     response->set_blocks_stored(r.stored);
@@ -100,6 +100,14 @@ class PutSessionImpl final : public PutSession {
                        mc.model_id, " (", std::string(DTypeName(mc.dtype)), ")"));
     }
     VQKV_ASSIGN_OR_RETURN(codec_, model->Resolve(h.codebook_id()));
+    if (h.has_device()) {
+      VQKV_RETURN_IF_ERROR(CheckDevice(*core_, h.device(), "PutBlocks"));
+      device_ = h.device();
+    } else {
+      // Placement by free capacity, decided once per call: the call's blocks are encoded on the
+      // GPU whose tier will hold them (-1 without GPU tiers).
+      device_ = core_->store->PickDevice();
+    }
     model_ = std::move(model);
     return absl::OkStatus();
   }
@@ -234,7 +242,7 @@ class PutSessionImpl final : public PutSession {
             {mc.Shape(blocks_[i].tokens), mc.dtype, blocks_[i].buf.data(), blocks_[i].first_token});
       }
       std::vector<std::string> encoded;
-      if (absl::Status s = codec_.codec->EncodeBatched(views, &encoded); !s.ok()) {
+      if (absl::Status s = codec_.For(device_).EncodeBatched(views, &encoded); !s.ok()) {
         return Annotate(s, "PutBlocks: encoding failed");
       }
       for (size_t j = 0; j < ready_.size(); ++j) {
@@ -258,7 +266,7 @@ class PutSessionImpl final : public PutSession {
   // the block, and must decode to finite values.
   absl::Status ValidateCodes(const PendingBlock& b) const {
     const ModelConfig& mc = model_->config();
-    const kernels::Codec& codec = *codec_.codec;
+    const kernels::Codec& codec = codec_.For(device_);
     const std::string where = absl::StrCat("block ", HexHash(b.hash), ": ");
     absl::StatusOr<kernels::PayloadHeader> h = kernels::ReadPayloadHeader(b.buf);
     if (!h.ok()) return Annotate(h.status(), where);
@@ -287,6 +295,7 @@ class PutSessionImpl final : public PutSession {
   std::shared_ptr<Model> model_;
   ResolvedCodec codec_;
   std::string tenant_;
+  int device_ = -1;  // GPU the blocks go to (-1: no GPU tier)
   bool codes_ = false;
   bool commit_ = false;
   int64_t chunks_seen_ = 0;

@@ -21,7 +21,10 @@ namespace vqkv::service {
 
 struct ServiceCore {
   ServiceCore(ServiceOptions opts, store::BlockStore* s)
-      : options(opts), store(s), models(opts.codec_factory), budget(opts.max_inflight_bytes) {}
+      : options(opts),
+        store(s),
+        models(opts.codec_factory, opts.gpu_devices, opts.device_codec_factory),
+        budget(opts.max_inflight_bytes) {}
   const ServiceOptions options;
   store::BlockStore* const store;
   ModelRegistry models;
@@ -41,6 +44,9 @@ std::string HexHash(const std::string& hash);
 
 // ResourceExhausted carrying the retry-after payload.
 absl::Status Busy(const ServiceCore& core, int64_t wanted);
+// Checks a request's optional GPU device: InvalidArgument (naming `what`) when the store has
+// no top-level GPU tier on it.
+absl::Status CheckDevice(const ServiceCore& core, int32_t device, const char* what);
 // DeadlineExceeded once ctx.deadline has passed.
 absl::Status CheckDeadline(const CallContext& ctx);
 // Prefixes a status message, keeping its code and payloads.

@@ -6,9 +6,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/codebook.h"
 #include "kernels/codec.h"
+#include "kernels/rvq_fit.h"
 #include "server/store/host_buffer.h"
 
 namespace vqkv::service {
@@ -35,8 +38,21 @@ struct ServiceOptions {
   // on the chosen device; the model's codec string stays the same (payloads are compatible).
   std::function<absl::StatusOr<std::unique_ptr<kernels::Codec>>(const kernels::CodecSpec&)>
       codec_factory;
+  // With several GPUs: the devices the store has GPU tiers on, and a factory building a
+  // model's codec on one of them. Each codec is then built once per device; puts encode and gets
+  // decode on the device of the blocks (the default instance is the first device's). Empty:
+  // codec_factory alone.
+  std::vector<int> gpu_devices;
+  std::function<absl::StatusOr<std::unique_ptr<kernels::Codec>>(const kernels::CodecSpec&,
+                                                                int device)>
+      device_codec_factory;
   // Buffers GetBlocks decodes into (null: the heap). vqkvd with a GPU passes pinned memory.
   std::shared_ptr<store::HostBufferAllocator> decode_buffers;
+  // Fits FitCodebook's codebooks (empty: kernels::FitCodebook on the CPU). vqkvd with a GPU
+  // runs the residual k-means on the device here.
+  std::function<absl::StatusOr<kernels::Codebook>(
+      const kernels::RvqConfig&, const kernels::KvSamples&, const kernels::FitOptions&)>
+      fit_codebook;
 };
 
 }  // namespace vqkv::service

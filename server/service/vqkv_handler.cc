@@ -2,6 +2,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "server/service/service_core.h"
 
@@ -34,6 +35,18 @@ absl::Status Busy(const ServiceCore& core, int64_t wanted) {
                    core.budget.used(), " of ", core.budget.limit(), " in use); retry later"));
   s.SetPayload(kRetryAfterPayload, absl::Cord(absl::StrCat(core.options.retry_after_ms)));
   return s;
+}
+
+absl::Status CheckDevice(const ServiceCore& core, int32_t device, const char* what) {
+  if (core.store->HasTopDevice(device)) return absl::OkStatus();
+  const std::vector<int> devices = core.store->Devices();
+  if (devices.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": device ", device, " asked for, but this daemon has no GPU tier"));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(what, ": device ", device,
+                                                 " is not one of this daemon's GPUs (",
+                                                 absl::StrJoin(devices, ", "), ")"));
 }
 
 absl::Status CheckDeadline(const CallContext& ctx) {
@@ -91,9 +104,12 @@ absl::Status VqkvHandler::Lookup(const v1::LookupRequest& request, v1::LookupRes
     VQKV_RETURN_IF_ERROR(CheckHash(request.block_hashes(i), i));
     keys.push_back({tenant, request.model_id(), codebook, request.block_hashes(i)});
   }
-  std::vector<store::TierKind> tiers = core_->store->LookupPrefix(keys);
-  response->set_prefix_blocks(static_cast<int32_t>(tiers.size()));
-  for (store::TierKind t : tiers) response->add_tiers(static_cast<v1::Tier>(t));
+  std::vector<store::BlockPlace> places = core_->store->LookupPrefix(keys);
+  response->set_prefix_blocks(static_cast<int32_t>(places.size()));
+  for (const store::BlockPlace& p : places) {
+    response->add_tiers(static_cast<v1::Tier>(p.tier));
+    response->add_devices(p.device);
+  }
   return absl::OkStatus();
 }
 
@@ -129,6 +145,11 @@ absl::Status VqkvHandler::GetStats(const v1::GetStatsRequest&, v1::GetStatsRespo
     ts->set_demotions(t.demotions);
     ts->set_promotions(t.promotions);
     ts->set_evictions(t.evictions);
+    if (t.device >= 0) ts->set_device(t.device);
+    ts->set_transfers_in(t.transfers_in);
+    ts->set_transfers_out(t.transfers_out);
+    ts->set_transfer_failures(t.transfer_failures);
+    ts->set_unavailable_reads(t.unavailable_reads);
   }
   response->set_blocks(st.blocks);
   response->set_stored_bytes(st.stored_bytes);

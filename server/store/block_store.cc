@@ -34,6 +34,7 @@ BlockStore::Lease& BlockStore::Lease::operator=(Lease&& o) noexcept {
     bytes_ = std::move(o.bytes_);
     meta_ = o.meta_;
     tier_ = o.tier_;
+    device_ = o.device_;
   }
   return *this;
 }
@@ -51,9 +52,14 @@ absl::StatusOr<std::unique_ptr<BlockStore>> BlockStore::Create(StoreOptions opti
                                                    options.low_watermark, ") <= high (",
                                                    options.high_watermark, ") <= 1"));
   }
-  for (const auto& t : options.tiers) {
+  absl::flat_hash_map<int, bool> devices;
+  for (size_t i = 0; i < options.tiers.size(); ++i) {
+    const auto& t = options.tiers[i];
     if (t == nullptr || t->capacity_bytes() <= 0) {
       return absl::InvalidArgumentError("store: every tier needs a positive capacity");
+    }
+    if (t->device() >= 0 && !devices.emplace(t->device(), true).second) {
+      return absl::InvalidArgumentError(absl::StrCat("store: two tiers on device ", t->device()));
     }
   }
   return std::unique_ptr<BlockStore>(new BlockStore(std::move(options)));
@@ -64,10 +70,57 @@ BlockStore::BlockStore(StoreOptions options)
   for (auto& t : options.tiers) {
     TierState s;
     s.counters.kind = t->kind();
+    s.counters.device = t->device();
     s.counters.capacity_bytes = t->capacity_bytes();
+    const int index = static_cast<int>(tiers_.size());
+    const bool same_level = index > 0 && t->device() >= 0 && tiers_.back().counters.device >= 0 &&
+                            tiers_.back().counters.kind == t->kind();
+    if (!same_level) levels_.emplace_back();
+    s.level = static_cast<int>(levels_.size()) - 1;
+    levels_.back().push_back(index);
+    tier_device_.push_back(t->device());
     s.tier = std::move(t);
     tiers_.push_back(std::move(s));
   }
+}
+
+int BlockStore::TierOfDevice(int device) const {
+  if (device < 0) return -1;
+  for (size_t t = 0; t < tier_device_.size(); ++t) {
+    if (tier_device_[t] == device) return static_cast<int>(t);
+  }
+  return -1;
+}
+
+int BlockStore::MostFree(int level) const {
+  int best = levels_[level][0];
+  int64_t best_free = -1;
+  for (int t : levels_[level]) {
+    const int64_t free = tiers_[t].counters.capacity_bytes - tiers_[t].counters.used_bytes;
+    if (free > best_free) {
+      best = t;
+      best_free = free;
+    }
+  }
+  return best;
+}
+
+std::vector<int> BlockStore::Devices() const {
+  std::vector<int> out;
+  for (int d : tier_device_) {
+    if (d >= 0) out.push_back(d);
+  }
+  return out;
+}
+
+bool BlockStore::HasTopDevice(int device) const {
+  const int t = TierOfDevice(device);
+  return t >= 0 && std::find(levels_[0].begin(), levels_[0].end(), t) != levels_[0].end();
+}
+
+int BlockStore::PickDevice() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return tier_device_[MostFree(0)];
 }
 
 BlockStore::~BlockStore() = default;
@@ -79,7 +132,11 @@ void BlockStore::Touch(Entry& e, uint64_t id) {
   e.lru = lru.begin();
 }
 
-absl::StatusOr<BlockStore::CommitResult> BlockStore::Commit(std::vector<NewBlock> blocks) {
+absl::StatusOr<BlockStore::CommitResult> BlockStore::Commit(std::vector<NewBlock> blocks,
+                                                            int device) {
+  if (device >= 0 && !HasTopDevice(device)) {
+    return absl::InvalidArgumentError(absl::StrCat("store: no top-level tier on device ", device));
+  }
   // Checksums and shared buffers are made before taking the lock.
   struct Prepared {
     NewBlock* block;
@@ -107,18 +164,19 @@ absl::StatusOr<BlockStore::CommitResult> BlockStore::Commit(std::vector<NewBlock
     total += static_cast<int64_t>(p.bytes->size());
   }
   if (fresh.empty()) return result;
-  TierState& top = tiers_[0];
+  const int t0 = device >= 0 ? TierOfDevice(device) : MostFree(0);
+  TierState& top = tiers_[t0];
   if (total > top.counters.capacity_bytes) {
     return absl::ResourceExhaustedError(
         absl::StrCat("store: batch of ", total, " bytes exceeds the ", TierName(top.tier->kind()),
                      " tier capacity of ", top.counters.capacity_bytes, " bytes"));
   }
-  if (absl::Status s = MakeRoom(0, total, top.counters.capacity_bytes); !s.ok()) return s;
+  if (absl::Status s = MakeRoom(t0, total, top.counters.capacity_bytes); !s.ok()) return s;
 
   std::vector<uint64_t> inserted;
   for (Prepared* p : fresh) {
     const uint64_t id = next_id_++;
-    if (absl::Status s = WriteTo(0, id, p->bytes); !s.ok()) {
+    if (absl::Status s = WriteTo(t0, id, p->bytes); !s.ok()) {
       for (uint64_t done : inserted) Drop(done);
       return s;
     }
@@ -127,7 +185,7 @@ absl::StatusOr<BlockStore::CommitResult> BlockStore::Commit(std::vector<NewBlock
     e.crc = p->crc;
     e.size = static_cast<int64_t>(p->bytes->size());
     e.meta = p->block->meta;
-    e.tier = 0;
+    e.tier = t0;
     top.lru.push_front(id);
     e.lru = top.lru.begin();
     index_[e.key] = id;
@@ -170,7 +228,8 @@ absl::Status BlockStore::FreeOne(int t) {
         "store: ", TierName(ts.tier->kind()), " tier is full (", ts.counters.used_bytes, " of ",
         ts.counters.capacity_bytes, " bytes) and every block in it is being read"));
   }
-  if (t + 1 < static_cast<int>(tiers_.size()) && Move(victim, t + 1).ok()) {
+  const int next = ts.level + 1;
+  if (next < static_cast<int>(levels_.size()) && Move(victim, MostFree(next)).ok()) {
     return absl::OkStatus();
   }
   ++ts.counters.evictions;
@@ -190,22 +249,40 @@ absl::Status BlockStore::WriteTo(int t, uint64_t id, const BlockBytes& bytes) {
   }
 }
 
-absl::Status BlockStore::Move(uint64_t id, int to) {
+absl::Status BlockStore::CopyTo(int t, uint64_t id, int from, absl::Time deadline) {
+  while (true) {
+    absl::Status s = tiers_[t].tier->CopyFrom(*tiers_[from].tier, id, deadline);
+    if (!absl::IsResourceExhausted(s)) return s;
+    if (!FreeOne(t).ok()) return s;
+  }
+}
+
+absl::Status BlockStore::Move(uint64_t id, int to, absl::Time deadline) {
   Entry& e = entries_[id];
   const int from = e.tier;
   TierState& dst = tiers_[to];
   if (e.size > dst.counters.capacity_bytes) {
     return absl::ResourceExhaustedError("store: block larger than the tier");
   }
+  const bool across = tiers_[from].level == dst.level;
   // The entry is leased while it moves so that making room below cannot pick it.
   ++e.leases;
   absl::Status s = MakeRoom(to, e.size, dst.counters.capacity_bytes);
+  bool copied = false;
+  if (s.ok() && across) {
+    // Device to device first; a transfer that fails (a peer link or NCCL error, a timeout) falls
+    // back to the host path below, which also tells a dead source device (Unavailable) apart.
+    absl::Status c = CopyTo(to, id, from, deadline);
+    copied = c.ok();
+    if (!c.ok() && !absl::IsUnimplemented(c)) ++dst.counters.transfer_failures;
+    if (absl::IsResourceExhausted(c)) s = c;
+  }
   absl::StatusOr<BlockBytes> bytes;
-  if (s.ok()) {
+  if (s.ok() && !copied) {
     bytes = tiers_[from].tier->Read(id);
     s = bytes.status();
+    if (s.ok()) s = WriteTo(to, id, *bytes);
   }
-  if (s.ok()) s = WriteTo(to, id, *bytes);
   --e.leases;
   if (!s.ok()) return s;
   TierState& src = tiers_[from];
@@ -213,7 +290,10 @@ absl::Status BlockStore::Move(uint64_t id, int to) {
   src.lru.erase(e.lru);
   src.counters.used_bytes -= e.size;
   --src.counters.blocks;
-  if (to > from) {
+  if (across) {
+    ++src.counters.transfers_out;
+    ++dst.counters.transfers_in;
+  } else if (dst.level > src.level) {
     ++src.counters.demotions;
   } else {
     ++dst.counters.promotions;
@@ -268,9 +348,11 @@ void BlockStore::Rebalance() {
   }
 }
 
-std::vector<std::optional<BlockStore::Lease>> BlockStore::Acquire(absl::Span<const BlockKey> keys) {
+std::vector<std::optional<BlockStore::Lease>> BlockStore::Acquire(absl::Span<const BlockKey> keys,
+                                                                  const AcquireOptions& options) {
   std::vector<std::optional<Lease>> out(keys.size());
   std::vector<uint32_t> crcs(keys.size());
+  const int dest = TierOfDevice(options.device);
   {
     absl::MutexLock lock(&mu_);
     for (size_t i = 0; i < keys.size(); ++i) {
@@ -282,15 +364,29 @@ std::vector<std::optional<BlockStore::Lease>> BlockStore::Acquire(absl::Span<con
       }
       const uint64_t id = it->second;
       Entry& e = entries_[id];
+      const int found = e.tier;
+      if (dest >= 0 && found != dest && tiers_[found].level == tiers_[dest].level) {
+        // Best effort: a block that cannot be moved is read where it is.
+        Move(id, dest, options.deadline).IgnoreError();
+      }
       absl::StatusOr<BlockBytes> bytes = tiers_[e.tier].tier->Read(id);
       if (!bytes.ok()) {
-        ++totals_.corrupt_blocks;
         ++totals_.misses;
+        if (absl::IsUnavailable(bytes.status()) || absl::IsDeadlineExceeded(bytes.status())) {
+          // The tier's device failed: the block is unreachable now, not proven corrupt.
+          ++tiers_[e.tier].counters.unavailable_reads;
+          for (TierState& ts : tiers_) ++ts.counters.misses;
+          continue;
+        }
+        ++totals_.corrupt_blocks;
         Hide(id);
         continue;
       }
-      for (int t = 0; t < e.tier; ++t) ++tiers_[t].counters.misses;
-      ++tiers_[e.tier].counters.hits;
+      const int found_level = tiers_[found].level;
+      for (TierState& ts : tiers_) {
+        if (ts.level < found_level) ++ts.counters.misses;
+      }
+      ++tiers_[found].counters.hits;
       ++totals_.hits;
       ++e.leases;
       Lease lease;
@@ -299,10 +395,11 @@ std::vector<std::optional<BlockStore::Lease>> BlockStore::Acquire(absl::Span<con
       lease.bytes_ = *std::move(bytes);
       lease.meta_ = e.meta;
       lease.tier_ = tiers_[e.tier].tier->kind();
+      lease.device_ = tier_device_[e.tier];
       crcs[i] = e.crc;
-      if (e.tier > 0) {
+      if (tiers_[e.tier].level > 0) {
         // Promotion is best effort: a full top tier of leased blocks leaves it where it is.
-        Move(id, 0).IgnoreError();
+        Move(id, dest >= 0 && tiers_[dest].level == 0 ? dest : MostFree(0)).IgnoreError();
       } else {
         Touch(e, id);
       }
@@ -330,13 +427,14 @@ void BlockStore::ReleaseLease(uint64_t id) {
   if (--it->second.leases == 0 && it->second.deleted) Drop(id);
 }
 
-std::vector<TierKind> BlockStore::LookupPrefix(absl::Span<const BlockKey> keys) const {
+std::vector<BlockPlace> BlockStore::LookupPrefix(absl::Span<const BlockKey> keys) const {
   absl::ReaderMutexLock lock(&mu_);
-  std::vector<TierKind> out;
+  std::vector<BlockPlace> out;
   for (const BlockKey& k : keys) {
     auto it = index_.find(k);
     if (it == index_.end()) break;
-    out.push_back(tiers_[entries_.at(it->second).tier].tier->kind());
+    const int t = entries_.at(it->second).tier;
+    out.push_back({tiers_[t].tier->kind(), tier_device_[t]});
   }
   return out;
 }

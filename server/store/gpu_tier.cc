@@ -79,8 +79,10 @@ class GpuTier final : public Tier {
 
   TierKind kind() const override { return TierKind::kGpu; }
   int64_t capacity_bytes() const override { return options_.capacity_bytes; }
+  int device() const override { return options_.device; }
 
   absl::Status Write(uint64_t id, const BlockBytes& bytes) override {
+    VQKV_RETURN_IF_ERROR(CheckInService());
     const int64_t size = static_cast<int64_t>(bytes->size());
     int64_t offset = 0;
     {
@@ -104,15 +106,70 @@ class GpuTier final : public Tier {
   }
 
   absl::StatusOr<BlockBytes> Read(uint64_t id) override {
+    VQKV_RETURN_IF_ERROR(CheckInService());
     // Shared lock: reads run together; Erase (which frees the range) waits for them.
     absl::ReaderMutexLock l(&mu_);
     auto it = blocks_.find(id);
     if (it == blocks_.end()) return absl::NotFoundError(absl::StrCat("gpu tier: no block ", id));
     auto out = std::make_shared<std::string>();
     out->resize(static_cast<size_t>(it->second.size));
-    VQKV_RETURN_IF_ERROR(
-        Copy(out->data(), arena_ + it->second.offset, it->second.size, cudaMemcpyDeviceToHost));
+    absl::Status s =
+        Copy(out->data(), arena_ + it->second.offset, it->second.size, cudaMemcpyDeviceToHost);
+    if (!s.ok()) {
+      // The device did not deliver the bytes: unreachable (a miss), not proven corrupt.
+      return absl::UnavailableError(
+          absl::StrCat("gpu tier: device ", options_.device, ": ", s.message()));
+    }
     return BlockBytes(std::move(out));
+  }
+
+  absl::Status CopyFrom(Tier& src_tier, uint64_t id, absl::Time deadline) override {
+    auto* src = dynamic_cast<GpuTier*>(&src_tier);
+    if (options_.transport == nullptr || src == nullptr ||
+        src->options_.transport != options_.transport) {
+      return Tier::CopyFrom(src_tier, id, deadline);
+    }
+    VQKV_RETURN_IF_ERROR(CheckInService());
+    Placement from;
+    {
+      absl::ReaderMutexLock l(&src->mu_);
+      auto it = src->blocks_.find(id);
+      if (it == src->blocks_.end()) {
+        return absl::NotFoundError(
+            absl::StrCat("gpu tier: no block ", id, " on device ", src->options_.device));
+      }
+      from = it->second;
+    }
+    int64_t offset = 0;
+    {
+      absl::MutexLock l(&mu_);
+      if (blocks_.contains(id)) {
+        return absl::InternalError(absl::StrCat("gpu tier: block ", id, " is already stored"));
+      }
+      std::optional<int64_t> got = alloc_.Allocate(std::max<int64_t>(from.size, 1));
+      if (!got.has_value()) {
+        return absl::ResourceExhaustedError(absl::StrCat("gpu tier: no free range of ",
+                                                         alloc_.RoundUp(from.size),
+                                                         " bytes on device ", options_.device));
+      }
+      offset = *got;
+      blocks_[id] = Placement{offset, from.size};
+    }
+    // The source range stays valid: the store never erases `id` from the source meanwhile, and
+    // only Erase frees a range. No lock is held across the copy (two tiers copying towards each
+    // other cannot deadlock).
+    absl::Status s =
+        options_.transport->Copy(options_.device, arena_ + offset, src->options_.device,
+                                 src->arena_ + from.offset, from.size, deadline);
+    if (absl::IsDeadlineExceeded(s)) {
+      // The copy may still be writing: keep the range allocated (lost until restart).
+      absl::MutexLock l(&mu_);
+      blocks_.erase(id);
+      quarantined_bytes_ += alloc_.RoundUp(from.size);
+    } else if (!s.ok()) {
+      Erase(id);
+    }
+    return s;
   }
 
   void Erase(uint64_t id) override {
@@ -124,6 +181,14 @@ class GpuTier final : public Tier {
   }
 
   // Allocates the first staging slot, so that a tier that starts has working staging.
+  absl::Status CheckInService() const {
+    if (options_.transport != nullptr && options_.transport->Failed(options_.device)) {
+      return absl::UnavailableError(
+          absl::StrCat("gpu tier: device ", options_.device, " is out of service"));
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status Init() {
     VQKV_ASSIGN_OR_RETURN(Staging s, NewStaging());
     std::lock_guard<std::mutex> l(staging_mu_);
@@ -212,6 +277,7 @@ class GpuTier final : public Tier {
   absl::Mutex mu_;
   ArenaAllocator alloc_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, Placement> blocks_ ABSL_GUARDED_BY(mu_);
+  int64_t quarantined_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // ranges a timed-out copy may write
   std::mutex staging_mu_;
   std::vector<Staging> staging_;      // guarded by staging_mu_
   std::vector<size_t> free_staging_;  // guarded by staging_mu_

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "server/store/gpu_transport.h"
 #include "server/store/host_buffer.h"
 #include "server/store/tier.h"
 
@@ -44,6 +45,11 @@ struct GpuTierOptions {
   int64_t staging_bytes = int64_t{4} << 20;
   // Alignment of every block in the arena (a power of two).
   int64_t alignment = 256;
+  // With several GPUs: the transport shared by every GPU tier of the daemon. CopyFrom another
+  // GPU tier with the same transport then copies device to device; the tier's reads and writes
+  // answer Unavailable once the transport marks its device failed. Null: one GPU (CopyFrom is
+  // Unimplemented).
+  std::shared_ptr<GpuTransport> transport;
 };
 
 // InvalidArgument for a capacity <= 0, a non-power-of-two alignment or a staging size <= 0, and

@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 
 namespace vqkv::store {
 
@@ -33,6 +34,10 @@ class Tier {
   virtual TierKind kind() const = 0;
   // Byte budget of the tier (> 0). The store never puts more than this here.
   virtual int64_t capacity_bytes() const = 0;
+  // The device a GPU tier lives on (>= 0); -1 for tiers that are not on a device. Consecutive
+  // device tiers of one kind form one level of the store (one GPU tier per device, side by
+  // side).
+  virtual int device() const { return -1; }
 
   // Stores `bytes` under `id` (ids are unique and never reused by the store). On error nothing
   // remains stored under `id`. Errors: ResourceExhausted when the tier cannot place the bytes
@@ -47,6 +52,21 @@ class Tier {
 
   // Removes `id`; no-op if absent.
   virtual void Erase(uint64_t id) = 0;
+
+  // Stores under `id` a copy of the bytes `src` holds under `id`, without a round trip through
+  // host memory (GPU tiers: a peer copy or an NCCL send/recv from another device's arena).
+  // `src` is another tier of the same level; the store never erases `id` from it meanwhile.
+  // Waits at most until `deadline`. On error nothing remains stored here under `id`. Errors:
+  // Unimplemented when this tier cannot copy from `src` directly (the store then uses Read +
+  // Write); ResourceExhausted as Write; Unavailable / DeadlineExceeded when the transfer failed
+  // or did not finish in time (the store then falls back to Read + Write, or leaves the block
+  // where it is).
+  virtual absl::Status CopyFrom(Tier& src, uint64_t id, absl::Time deadline) {
+    (void)src;
+    (void)id;
+    (void)deadline;
+    return absl::UnimplementedError("tier: no direct copy between tiers");
+  }
 };
 
 // Host memory tier (the top tier without a GPU; below the GPU tier with one). Never fails to

@@ -87,6 +87,35 @@ TEST_F(ErrorsTest, MissingBlockIsNotFound) {
   ExpectIntact();
 }
 
+TEST_F(ErrorsTest, DeviceFieldsWithoutAGpu) {
+  // This daemon runs --gpu=off: a put or get naming a device is INVALID_ARGUMENT (nothing is
+  // stored), and lookups and reads report no device.
+  client::PutOptions po;
+  po.device = 0;
+  std::string data = RandomBlock(model_, 9);
+  BlockPut b;
+  b.hash = HashOf(9);
+  b.data = data.data();
+  b.bytes = data.size();
+  auto put = client_->Put(model_, {b}, po);
+  EXPECT_EQ(put.status().code(), absl::StatusCode::kInvalidArgument) << put.status();
+  EXPECT_NE(put.status().message().find("no GPU tier"), std::string::npos) << put.status();
+  client::GetOptions go;
+  go.device = 1;
+  auto got = client_->Get(model_.model_id, {HashOf(0, "keep")}, go);
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument) << got.status();
+  auto plain = client_->Get(model_.model_id, {HashOf(0, "keep")});
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ((*plain)[0].device, -1);
+  auto look = client_->Lookup(model_.model_id, {HashOf(0, "keep"), HashOf(1, "keep")});
+  ASSERT_TRUE(look.ok()) << look.status();
+  EXPECT_EQ(look->devices, (std::vector<int32_t>{-1, -1}));
+  auto stats = client_->Stats();
+  ASSERT_TRUE(stats.ok());
+  for (const auto& t : stats->tiers()) EXPECT_FALSE(t.has_device());
+  ExpectIntact();
+}
+
 TEST_F(ErrorsTest, ConflictingRegistrationAndBadSpecs) {
   ModelInfo changed = model_;
   changed.block_tokens = 64;

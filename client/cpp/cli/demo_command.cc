@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -48,12 +49,20 @@ absl::Status Demo(const Flags& f) {
   const auto& cfg = m.model.config();
   client::ClientOptions co;
   co.target = f.Str("target");
+  VQKV_ASSIGN_OR_RETURN(int64_t timeout_s, f.Int("timeout"));
+  if (timeout_s <= 0) return absl::InvalidArgumentError("--timeout must be > 0 seconds");
+  co.timeout = absl::Seconds(timeout_s);  // the daemon's codebook fit is the longest call
   VQKV_ASSIGN_OR_RETURN(std::unique_ptr<client::Client> cl, client::Client::Connect(co));
   VQKV_RETURN_IF_ERROR(cl->WaitReady(absl::Seconds(10)));
   std::printf("connected to vqkvd at %s\n", co.target.c_str());
 
   client::ModelInfo info;
-  info.model_id = f.Str("model-id");
+  // Default id: the model's file or folder name ("SmolLM2-135M-Instruct.Q4_1", "tinystories-656k").
+  std::filesystem::path model_path(m.model_dir);
+  if (!model_path.has_filename()) model_path = model_path.parent_path();  // "dir/"
+  info.model_id = f.Str("model-id").empty() ? model_path.filename().replace_extension().string()
+                                            : f.Str("model-id");
+  if (info.model_id.empty()) info.model_id = "demo-model";
   info.layers = cfg.num_hidden_layers;
   info.kv_heads = cfg.num_key_value_heads;
   info.head_dim = cfg.head_dim;
@@ -240,19 +249,21 @@ absl::Status Demo(const Flags& f) {
 }  // namespace
 
 int RunDemo(int argc, char** argv) {
-  Flags f("demo",
-          "Service demo against a running vqkvd: register, fit, put real model KV, lookup, get, "
-          "measure.",
-          {{"target", "127.0.0.1:50051", "vqkvd address"},
-           {"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
-           {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
-           {"model-id", "tinystories-656k", "model id to register"},
-           {"stories", "8", "evaluation stories to store and fetch"},
-           {"calib-stories", "40", "calibration stories sent to the daemon's fit"},
-           {"block-tokens", "32", "tokens per block"},
-           {"k", "4x1024", "key stages x codebook size for the daemon's fit"},
-           {"v", "4x512", "value stages x codebook size"},
-           {"iters", "6", "Lloyd iterations per stage"}});
+  Flags f(
+      "demo",
+      "Service demo against a running vqkvd: register, fit, put real model KV, lookup, get, "
+      "measure.",
+      {{"target", "127.0.0.1:50051", "vqkvd address"},
+       {"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
+       {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
+       {"model-id", "", "model id to register (default: the model's file or folder name)"},
+       {"timeout", "1800", "deadline of each call in seconds (the codebook fit is the longest)"},
+       {"stories", "8", "evaluation stories to store and fetch"},
+       {"calib-stories", "40", "calibration stories sent to the daemon's fit"},
+       {"block-tokens", "32", "tokens per block"},
+       {"k", "4x1024", "key stages x codebook size for the daemon's fit"},
+       {"v", "4x512", "value stages x codebook size"},
+       {"iters", "6", "Lloyd iterations per stage"}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Demo(f);
   return st.ok() ? 0 : Fail(st);

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <fstream>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace vqkv::vqkvd {
@@ -84,9 +85,34 @@ TEST(ConfigTest, GpuFlagsAndYamlKeys) {
   EXPECT_EQ(Parse({"--gpu=maybe"}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Parse({"--gpu-device=-1"}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Parse({"--gpu-tier-bytes=-4"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Parse({"--gpu-transfer=nccl"})->gpu_transfer, "nccl");
+  EXPECT_EQ(d->gpu_transfer, "auto");
+  EXPECT_EQ(Parse({"--gpu-transfer=rdma"}).status().code(), absl::StatusCode::kInvalidArgument);
   // auto: half the free HBM, capped at 8 GiB.
   EXPECT_EQ(AutoGpuTierBytes(int64_t{6} << 30), int64_t{3} << 30);
   EXPECT_EQ(AutoGpuTierBytes(int64_t{139} << 30), int64_t{8} << 30);
+}
+
+TEST(ConfigTest, GpuDeviceLists) {
+  Config c;
+  EXPECT_THAT(*GpuDevices(c, 2), ::testing::ElementsAre(0));  // --gpu-device alone
+  c.gpu_device = 1;
+  EXPECT_THAT(*GpuDevices(c, 2), ::testing::ElementsAre(1));
+  EXPECT_EQ(GpuDevices(c, 1).status().code(), absl::StatusCode::kInvalidArgument);
+  c.gpu_devices = "all";
+  EXPECT_THAT(*GpuDevices(c, 3), ::testing::ElementsAre(0, 1, 2));
+  EXPECT_EQ(GpuDevices(c, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  c.gpu_devices = "2,0";
+  EXPECT_THAT(*GpuDevices(c, 4), ::testing::ElementsAre(2, 0));
+  EXPECT_EQ(GpuDevices(c, 2).status().code(), absl::StatusCode::kInvalidArgument);  // no 2
+  for (const char* bad : {"0,0", "0,", "x", "1;2", "-1"}) {
+    c.gpu_devices = bad;
+    EXPECT_EQ(GpuDevices(c, 4).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  Config y;
+  ASSERT_TRUE(ApplyYaml("gpu_devices: 0,1\ngpu_transfer: peer\n", &y).ok());
+  EXPECT_THAT(*GpuDevices(y, 2), ::testing::ElementsAre(0, 1));
+  EXPECT_EQ(y.gpu_transfer, "peer");
 }
 
 TEST(ConfigTest, HelpListsEveryFlagWithItsDefault) {
@@ -96,7 +122,7 @@ TEST(ConfigTest, HelpListsEveryFlagWithItsDefault) {
   const std::string u = Usage();
   for (const char* f : {"--listen", "--config", "--host-tier-bytes", "--disk-dir", "--metrics-port",
                         "--log-level", "--max-inflight-bytes", "--shutdown-grace-seconds", "--gpu",
-                        "--gpu-device", "--gpu-tier-bytes"}) {
+                        "--gpu-device", "--gpu-devices", "--gpu-tier-bytes", "--gpu-transfer"}) {
     EXPECT_NE(u.find(f), std::string::npos) << f;
   }
   EXPECT_NE(u.find("127.0.0.1:50051"), std::string::npos);

@@ -340,7 +340,7 @@ TEST(BlockStoreTest, LookupPrefixStopsAtFirstMissing) {
   auto s = HostStore(1 << 20);
   ASSERT_TRUE(s->Commit(Blocks({1, 2, 4}, 10)).ok());
   EXPECT_THAT(s->LookupPrefix({Key(1), Key(2), Key(3), Key(4)}),
-              ElementsAre(TierKind::kHost, TierKind::kHost));
+              ElementsAre(BlockPlace{TierKind::kHost, -1}, BlockPlace{TierKind::kHost, -1}));
   EXPECT_TRUE(s->LookupPrefix({Key(3), Key(1)}).empty());
   // Lookup is not a read: no hits, no misses.
   EXPECT_EQ(s->Stats().hits + s->Stats().misses, 0);

@@ -83,11 +83,11 @@ TEST(DiskTierTest, StoreSpillsToDiskAndEvictsAtTheBottom) {
   // Oldest three are gone; 3..5 are on disk, 6..7 in memory.
   std::vector<BlockKey> chain;
   for (int i = 3; i < 8; ++i) chain.push_back(BlockKey{"t", "m", "", std::to_string(i)});
-  std::vector<TierKind> tiers = s->LookupPrefix(chain);
+  std::vector<BlockPlace> tiers = s->LookupPrefix(chain);
   ASSERT_EQ(tiers.size(), 5u);
-  EXPECT_EQ(tiers[0], TierKind::kDisk);
-  EXPECT_EQ(tiers[2], TierKind::kDisk);
-  EXPECT_EQ(tiers[3], TierKind::kHost);
+  EXPECT_EQ(tiers[0].tier, TierKind::kDisk);
+  EXPECT_EQ(tiers[2].tier, TierKind::kDisk);
+  EXPECT_EQ(tiers[3].tier, TierKind::kHost);
   for (int i = 0; i < 3; ++i) {
     EXPECT_FALSE(s->Acquire({BlockKey{"t", "m", "", std::to_string(i)}})[0].has_value()) << i;
   }
@@ -95,7 +95,7 @@ TEST(DiskTierTest, StoreSpillsToDiskAndEvictsAtTheBottom) {
   ASSERT_TRUE(l[0].has_value());
   EXPECT_EQ(l[0]->tier(), TierKind::kDisk);
   EXPECT_EQ(l[0]->bytes(), std::string(100, '5'));
-  EXPECT_EQ(s->LookupPrefix({chain[2]})[0], TierKind::kHost);  // promoted on the hit
+  EXPECT_EQ(s->LookupPrefix({chain[2]})[0].tier, TierKind::kHost);  // promoted on the hit
   l.clear();
   s.reset();
   fs::remove_all(dir);
