@@ -106,8 +106,12 @@ absl::StatusOr<SplitErrors> MeasureSplitErrors(const Codebook& full, const KvSam
           in.q_heads = calib.q_heads;
           in.kv_heads = calib.kv_heads;
           in.dim = dim;
-          in.query_stride = opts.query_stride;
           in.min_position = opts.sink_tokens + opts.recent_tokens;
+          in.query_stride = opts.query_stride;
+          if (opts.max_queries > 0) {
+            in.query_stride =
+                std::max<int64_t>(in.query_stride, (len - in.min_position) / opts.max_queries);
+          }
           in.sink_tokens = opts.sink_tokens;
           in.recent_tokens = opts.recent_tokens;
           in.output_only = true;

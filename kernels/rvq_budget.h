@@ -25,6 +25,9 @@ struct BudgetOptions {
   double max_share = 1.5;  // a layer/kind may take up to this × the average budget
   int sink_tokens = 4, recent_tokens = 32;
   int64_t query_stride = 4;  // measure every n-th query position
+  // > 0: at most this many query positions per sequence (a larger stride on long sequences);
+  // every (K stages, V stages) pair of every layer runs this attention, so it bounds the cost.
+  int64_t max_queries = 0;
   std::function<void(int64_t, int64_t, const std::string&)> progress;
 };
 

@@ -72,6 +72,15 @@ absl::Status Fidelity(const Flags& f) {
     return absl::InvalidArgumentError("--calib-fraction must be a number in (0, 1)");
   }
   VQKV_ASSIGN_OR_RETURN(int64_t attn_queries, f.Int("attn-queries"));
+  VQKV_ASSIGN_OR_RETURN(int64_t split_queries, f.Int("split-queries"));
+  int64_t max_k_stages = 0, max_v_stages = 0;
+  if (!f.Str("max-stages").empty()) {
+    const std::vector<std::string> ms = absl::StrSplit(f.Str("max-stages"), ',');
+    if (ms.size() != 2 || !absl::SimpleAtoi(ms[0], &max_k_stages) ||
+        !absl::SimpleAtoi(ms[1], &max_v_stages) || max_k_stages < 1 || max_v_stages < 1) {
+      return absl::InvalidArgumentError("--max-stages must be K,V stage counts >= 1, e.g. 32,16");
+    }
+  }
   VQKV_ASSIGN_OR_RETURN(std::vector<double> budgets, ParseBudgets(f.Str("budgets")));
   VQKV_ASSIGN_OR_RETURN(std::vector<int64_t> contexts,
                         ParseContexts(f.Str("contexts"), max_tokens));
@@ -176,9 +185,12 @@ absl::Status Fidelity(const Flags& f) {
   bo.bits_per_element = max_budget > 0 ? max_budget : 1;
   bo.sink_tokens = int(sinks);
   bo.recent_tokens = int(recent);
+  bo.max_queries = split_queries;
   kernels::RvqConfig full_cfg = kernels::MaxStagesConfig(calib.layers, calib.kv_heads,
                                                          calib.head_dim, bo, f.Bool("per-head"));
   for (int l = 0; l < full_cfg.layers; ++l) {
+    if (max_k_stages > 0) full_cfg.k[l].stages = std::min<int>(full_cfg.k[l].stages, max_k_stages);
+    if (max_v_stages > 0) full_cfg.v[l].stages = std::min<int>(full_cfg.v[l].stages, max_v_stages);
     full_cfg.k[l].stages = std::max(full_cfg.k[l].stages, pk.stages);
     full_cfg.v[l].stages = std::max(full_cfg.v[l].stages, pv.stages);
   }
@@ -295,6 +307,12 @@ int RunFidelity(int argc, char** argv) {
            {"contexts", "", "evaluate at each of these context lengths, e.g. 512,2048,8192"},
            {"eval-tokens", "0",
             "with --contexts: about this many evaluation tokens per context (0: --eval-seqs)"},
+           {"max-stages", "",
+            "cap the stages fitted for the split chooser at K,V (e.g. 32,16; the paper split is "
+            "always fitted); default: as many as the largest budget could use"},
+           {"split-queries", "0",
+            "split chooser: at most this many query positions per calibration sequence (0: every "
+            "4th)"},
            {"attn-queries", "0",
             "attention metrics on at most this many query positions per sequence (0: all)"},
            {"per-story", "",
