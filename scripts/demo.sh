@@ -44,7 +44,8 @@ case "$MODEL" in
     # SmolLM2 (30 layers, head_dim 64): a quick table on 512-token contexts of packed stories.
     # docs/fidelity.md has the full table at 512, 2048 and 8192 tokens.
     "$VQKV" fidelity --model "$MODEL" --max-tokens 512 --calib-seqs 8 --eval-seqs 4 \
-      --budgets 2.25 --iters 4 --max-vectors 8192 --attn-queries 128 "$@" ;;
+      --budgets 2.25 --max-stages 28,12 --split-queries 8 --iters 4 --max-vectors 8192 \
+      --attn-queries 128 "$@" ;;
   *)
     "$VQKV" fidelity --model "$MODEL" --per-story --per-head --budgets 2.25 --iters 6 \
       --max-vectors 16384 "$@" ;;
@@ -53,7 +54,13 @@ esac
 echo
 echo "== 2/2 service demo: vqkvd + client round trip =="
 if [ -x "$BUILD/server/main/vqkvd" ] && "$VQKV" help 2>/dev/null | grep -q "^  demo"; then
-  exec "$ROOT/scripts/service-demo.sh" "$BUILD" --model "$MODEL"
+  case "$MODEL" in
+    # head_dim 64, 30 layers: more stages than tinystories' 4x1024 + 4x512 (2.5 bits at head_dim
+    # 16), fewer calibration stories to keep the daemon's CPU fit to a few minutes.
+    *.gguf) exec "$ROOT/scripts/service-demo.sh" "$BUILD" --model "$MODEL" --k 8x1024 --v 8x512 \
+              --calib-stories 24 --iters 4 ;;
+    *) exec "$ROOT/scripts/service-demo.sh" "$BUILD" --model "$MODEL" ;;
+  esac
 else
   echo "vqkvd or 'vqkv demo' is not built in this tree; skipping the service demo" >&2
   exit 1
