@@ -1,5 +1,6 @@
 #include "kernels/codebook.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -33,7 +34,144 @@ absl::StatusOr<std::vector<int>> ParseIntList(const std::string& s, const char* 
   return out;
 }
 
+std::string ScaleName(int l, int c) { return absl::StrCat("layer", l, c == 0 ? ".k" : ".v", ".scale"); }
+
+// Rotates rows by -angle (back) or +angle (forward) with LLaMA's rotate-half pairing.
+void Rotate(const std::vector<float>& inv_freq, int kv_heads, int head_dim,
+            absl::Span<const int64_t> positions, float* x, bool forward) {
+  const int half = head_dim / 2;
+  std::vector<float> cs(half), sn(half);
+  for (size_t t = 0; t < positions.size(); ++t) {
+    const double pos = double(positions[t]);
+    for (int i = 0; i < half; ++i) {
+      cs[i] = static_cast<float>(std::cos(pos * double(inv_freq[i])));
+      const float s = static_cast<float>(std::sin(pos * double(inv_freq[i])));
+      sn[i] = forward ? s : -s;
+    }
+    for (int h = 0; h < kv_heads; ++h) {
+      float* v = x + (int64_t(t) * kv_heads + h) * head_dim;
+      for (int i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+      }
+    }
+  }
+}
+
 }  // namespace
+
+bool CodeSpace::empty() const { return key_rope_inv_freq.empty() && !scaled(); }
+
+bool CodeSpace::scaled() const {
+  for (const auto& s : scale) {
+    if (!s.empty()) return true;
+  }
+  return false;
+}
+
+std::string CodeSpace::DebugString() const {
+  if (empty()) return "identity";
+  if (key_rope_inv_freq.empty()) return "scale";
+  return scaled() ? "rope+scale" : "rope";
+}
+
+absl::Status CodeSpace::Validate(int layers, int kv_heads, int head_dim) const {
+  if (!key_rope_inv_freq.empty()) {
+    if (head_dim % 2 != 0 || int(key_rope_inv_freq.size()) != head_dim / 2) {
+      return absl::InvalidArgumentError(absl::StrCat("code space: key_rope_inv_freq has ",
+                                                     key_rope_inv_freq.size(),
+                                                     " values, head_dim ", head_dim, " needs ",
+                                                     head_dim / 2, " (and an even head_dim)"));
+    }
+    for (float f : key_rope_inv_freq) {
+      if (!std::isfinite(f) || f < 0) {
+        return absl::InvalidArgumentError("code space: key_rope_inv_freq must be finite, >= 0");
+      }
+    }
+  }
+  if (scale.empty()) return absl::OkStatus();
+  if (int(scale.size()) != layers * 2) {
+    return absl::InvalidArgumentError(absl::StrCat("code space: ", scale.size(),
+                                                   " scale vectors, expected ", layers * 2));
+  }
+  for (size_t i = 0; i < scale.size(); ++i) {
+    if (scale[i].empty()) continue;
+    if (int64_t(scale[i].size()) != int64_t{kv_heads} * head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat("code space: scale ", i, " has ",
+                                                     scale[i].size(), " values, expected ",
+                                                     int64_t{kv_heads} * head_dim));
+    }
+    for (float f : scale[i]) {
+      if (!std::isfinite(f) || !(f > 0)) {
+        return absl::InvalidArgumentError("code space: scales must be finite and positive");
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ToCodeSpace(const CodeSpace& cs, int layer, int kind, int kv_heads, int head_dim,
+                 absl::Span<const int64_t> positions, float* x) {
+  if (kind == 0 && !cs.key_rope_inv_freq.empty()) {
+    Rotate(cs.key_rope_inv_freq, kv_heads, head_dim, positions, x, /*forward=*/false);
+  }
+  const size_t si = size_t(layer) * 2 + kind;
+  if (si < cs.scale.size() && !cs.scale[si].empty()) {
+    const float* s = cs.scale[si].data();
+    const int64_t row = int64_t{kv_heads} * head_dim;
+    for (size_t t = 0; t < positions.size(); ++t) {
+      float* v = x + int64_t(t) * row;
+      for (int64_t j = 0; j < row; ++j) v[j] *= s[j];
+    }
+  }
+}
+
+void FromCodeSpace(const CodeSpace& cs, int layer, int kind, int kv_heads, int head_dim,
+                   absl::Span<const int64_t> positions, float* x) {
+  const size_t si = size_t(layer) * 2 + kind;
+  if (si < cs.scale.size() && !cs.scale[si].empty()) {
+    const float* s = cs.scale[si].data();
+    const int64_t row = int64_t{kv_heads} * head_dim;
+    for (size_t t = 0; t < positions.size(); ++t) {
+      float* v = x + int64_t(t) * row;
+      for (int64_t j = 0; j < row; ++j) v[j] /= s[j];
+    }
+  }
+  if (kind == 0 && !cs.key_rope_inv_freq.empty()) {
+    Rotate(cs.key_rope_inv_freq, kv_heads, head_dim, positions, x, /*forward=*/true);
+  }
+}
+
+std::vector<int64_t> SamplePositions(const KvSamples& samples) {
+  std::vector<int64_t> pos;
+  const int64_t n = samples.tokens(0);
+  pos.reserve(n);
+  std::vector<int64_t> lens = samples.seq_lens;
+  if (lens.empty()) lens.push_back(n);
+  for (size_t i = 0; i < lens.size(); ++i) {
+    const int64_t start = i < samples.seq_starts.size() ? samples.seq_starts[i] : 0;
+    for (int64_t t = 0; t < lens[i] && int64_t(pos.size()) < n; ++t) pos.push_back(start + t);
+  }
+  while (int64_t(pos.size()) < n) pos.push_back(int64_t(pos.size()));
+  return pos;
+}
+
+KvSamples SamplesInCodeSpace(const CodeSpace& cs, const KvSamples& samples) {
+  KvSamples out = samples;
+  if (cs.empty()) return out;
+  const std::vector<int64_t> pos = SamplePositions(samples);
+  for (int l = 0; l < samples.layers; ++l) {
+    for (int c = 0; c < 2; ++c) {
+      std::vector<float>& x = c == 0 ? out.k[l] : out.v[l];
+      const int64_t n = int64_t(x.size()) / (int64_t{samples.kv_heads} * samples.head_dim);
+      ToCodeSpace(cs, l, c, samples.kv_heads, samples.head_dim,
+                  absl::MakeConstSpan(pos).subspan(0, std::min<size_t>(pos.size(), size_t(n))),
+                  x.data());
+    }
+  }
+  return out;
+}
 
 int StageConfig::bits() const {
   int b = 0;
@@ -141,8 +279,18 @@ const float* Codebook::Norms(int layer, int kind, int head, int stage) const {
 }
 
 absl::StatusOr<Codebook> Codebook::Create(RvqConfig config,
-                                          std::vector<std::vector<float>> tables) {
+                                          std::vector<std::vector<float>> tables,
+                                          CodeSpace code_space) {
   VQKV_RETURN_IF_ERROR(config.Validate());
+  VQKV_RETURN_IF_ERROR(code_space.Validate(config.layers, config.kv_heads, config.head_dim));
+  if (code_space.scaled()) {
+    code_space.scale.resize(size_t(config.layers) * 2);  // every entry present, some may be 1s
+    for (auto& s : code_space.scale) {
+      if (s.empty()) s.assign(size_t(config.kv_heads) * config.head_dim, 1.f);
+    }
+  } else {
+    code_space.scale.clear();
+  }
   const int heads = config.per_head ? config.kv_heads : 1;
   if (int(tables.size()) != config.layers * 2 * heads) {
     return absl::InvalidArgumentError(absl::StrCat("codebook: expected ", config.layers * 2 * heads,
@@ -182,7 +330,16 @@ absl::StatusOr<Codebook> Codebook::Create(RvqConfig config,
       }
     }
   }
+  if (!code_space.empty()) {
+    absl::StrAppend(&hash_input, "|code space ", code_space.DebugString(), "|");
+    const auto& f = code_space.key_rope_inv_freq;
+    hash_input.append(reinterpret_cast<const char*>(f.data()), f.size() * 4);
+    for (const auto& s : code_space.scale) {
+      hash_input.append(reinterpret_cast<const char*>(s.data()), s.size() * 4);
+    }
+  }
   cb.tables_ = std::move(tables);
+  cb.code_space_ = std::move(code_space);
   cb.id_ = Sha256Hex(hash_input, 16);
   return cb;
 }
@@ -202,8 +359,21 @@ std::string Codebook::Serialize() const {
       }
     }
   }
+  const CodeSpace& cs = code_space_;
+  if (!cs.key_rope_inv_freq.empty()) {
+    w.AddF32("key_rope.inv_freq", {int64_t(cs.key_rope_inv_freq.size())},
+             cs.key_rope_inv_freq.data());
+  }
+  for (size_t i = 0; i < cs.scale.size(); ++i) {
+    w.AddF32(ScaleName(int(i / 2), int(i % 2)), {config_.kv_heads, config_.head_dim},
+             cs.scale[i].data());
+  }
   w.SetMetadata("format", "vqkv-codebook");
-  w.SetMetadata("version", "1");
+  w.SetMetadata("version", cs.empty() ? "1" : "2");
+  if (!cs.empty()) {
+    w.SetMetadata("key_rope", cs.key_rope_inv_freq.empty() ? "none" : "rotate_half");
+    w.SetMetadata("scaled", cs.scaled() ? "1" : "0");
+  }
   w.SetMetadata("layers", absl::StrCat(config_.layers));
   w.SetMetadata("kv_heads", absl::StrCat(config_.kv_heads));
   w.SetMetadata("head_dim", absl::StrCat(config_.head_dim));
@@ -234,7 +404,7 @@ absl::StatusOr<Codebook> Codebook::FromBytes(std::string bytes, const std::strin
     if (!md.count(key)) return bad(absl::StrCat("metadata field '", key, "' is missing"));
   }
   if (md.at("format") != "vqkv-codebook") return bad("metadata 'format' is not vqkv-codebook");
-  if (md.at("version") != "1")
+  if (md.at("version") != "1" && md.at("version") != "2")
     return bad(absl::StrCat("unsupported version '", md.at("version"), "'"));
   RvqConfig config;
   if (!absl::SimpleAtoi(md.at("layers"), &config.layers) ||
@@ -274,7 +444,44 @@ absl::StatusOr<Codebook> Codebook::FromBytes(std::string bytes, const std::strin
       }
     }
   }
-  auto cb = Create(std::move(config), std::move(tables));
+  CodeSpace cs;
+  if (md.at("version") == "2") {
+    const auto rope = md.find("key_rope");
+    const auto scaled = md.find("scaled");
+    if (rope == md.end() || scaled == md.end()) {
+      return bad("version 2 needs metadata 'key_rope' and 'scaled'");
+    }
+    if (rope->second == "rotate_half") {
+      auto info = f.Info("key_rope.inv_freq");
+      if (!info.ok() || info->dtype != "F32" ||
+          info->shape != std::vector<int64_t>{config.head_dim / 2}) {
+        return bad(absl::StrCat("tensor 'key_rope.inv_freq' must be F32 [", config.head_dim / 2,
+                                "]"));
+      }
+      VQKV_ASSIGN_OR_RETURN(cs.key_rope_inv_freq, f.ReadFloat("key_rope.inv_freq"));
+    } else if (rope->second != "none") {
+      return bad(absl::StrCat("unknown key_rope '", rope->second, "'"));
+    }
+    if (scaled->second == "1") {
+      for (int l = 0; l < config.layers; ++l) {
+        for (int c = 0; c < 2; ++c) {
+          const std::string name = ScaleName(l, c);
+          auto info = f.Info(name);
+          if (!info.ok() || info->dtype != "F32" ||
+              info->shape != std::vector<int64_t>{config.kv_heads, config.head_dim}) {
+            return bad(absl::StrCat("tensor '", name, "' must be F32 [", config.kv_heads, ", ",
+                                    config.head_dim, "]"));
+          }
+          VQKV_ASSIGN_OR_RETURN(std::vector<float> s, f.ReadFloat(name));
+          cs.scale.push_back(std::move(s));
+        }
+      }
+    } else if (scaled->second != "0") {
+      return bad(absl::StrCat("metadata 'scaled' must be 0 or 1, got '", scaled->second, "'"));
+    }
+    if (cs.empty()) return bad("version 2 without a code space");
+  }
+  auto cb = Create(std::move(config), std::move(tables), std::move(cs));
   if (!cb.ok()) return bad(cb.status().message());
   if (cb->id() != md.at("id")) {
     return bad(absl::StrCat("content hash ", cb->id(), " does not match the recorded id ",

@@ -6,8 +6,12 @@
 // File: safetensors with tensors "layer{l}.{k|v}" (or "layer{l}.{k|v}.head{h}") of shape
 // [stages, size, head_dim] F32 and metadata {format: "vqkv-codebook", version: "1", layers,
 // kv_heads, head_dim, per_head, stages: "l0k,l0v,l1k,...", sizes: same, id}. The id is the
-// first 16 bytes (hex) of SHA-256 over the config line and every table's bytes; Load recomputes
-// it, so a file whose numbers were damaged is rejected.
+// first 16 bytes (hex) of SHA-256 over the config line and every table's bytes (and the code
+// space below, when it has one); Load recomputes it, so a file whose numbers were damaged is
+// rejected. A codebook with a code space is written as version "2" (metadata key_rope:
+// "rotate_half"|"none", scaled: "1"|"0"; tensors "key_rope.inv_freq" [head_dim/2] and
+// "layer{l}.{k|v}.scale" [kv_heads, head_dim]) so that a reader that does not know it refuses the
+// file instead of decoding garbage.
 // Thread-safety: immutable after construction; safe to share across threads.
 #pragma once
 
@@ -16,6 +20,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kernels/kv.h"
 
 namespace vqkv::kernels {
 
@@ -49,11 +55,47 @@ struct RvqConfig {
 // Parses "7x1024" into a StageConfig. InvalidArgument when malformed or out of range.
 absl::StatusOr<StageConfig> ParseStageConfig(std::string_view text);
 
+// The space the tables quantize ("code space"), chosen at calibration time and applied by every
+// codec that uses the codebook. Empty members mean "as given".
+//  - key_rope_inv_freq ([head_dim / 2]): keys arrive post-RoPE, as attention caches hold them, so
+//    a key's direction depends on its position and tables calibrated on short contexts miss the
+//    angles of long ones. The codec rotates each key back by its position (rotate-half pairs
+//    (i, i + head_dim/2), angle = position * inv_freq[i], as LLaMA applies RoPE) before coding and
+//    rotates the reconstruction forward again. Rotations are orthogonal, so the error norm is the
+//    same in both spaces.
+//  - scale ([layer * 2 + kind] -> [kv_heads * head_dim], positive): channel weights applied after
+//    the rotation and divided out after decoding. With weights sqrt(E[q_d^2]) for keys, the
+//    squared error the k-means minimises is the expected squared attention-logit error.
+struct CodeSpace {
+  std::vector<float> key_rope_inv_freq;
+  std::vector<std::vector<float>> scale;
+  bool empty() const;
+  bool scaled() const;
+  // InvalidArgument unless sizes match the geometry and every value is finite (scales > 0).
+  absl::Status Validate(int layers, int kv_heads, int head_dim) const;
+  std::string DebugString() const;  // "rope+scale", "rope", "scale" or "identity"
+};
+
+// In place: rows x[t] ([kv_heads, head_dim] each, t < positions.size()) of (layer, kind) into
+// the code space (ToCodeSpace) or back (FromCodeSpace); row t sits at sequence position
+// positions[t]. A no-op for an empty code space.
+void ToCodeSpace(const CodeSpace& cs, int layer, int kind, int kv_heads, int head_dim,
+                 absl::Span<const int64_t> positions, float* x);
+void FromCodeSpace(const CodeSpace& cs, int layer, int kind, int kv_heads, int head_dim,
+                   absl::Span<const int64_t> positions, float* x);
+// Position of every sample row: sequence i of samples.seq_lens starts at seq_starts[i] (0 when
+// absent).
+std::vector<int64_t> SamplePositions(const KvSamples& samples);
+// K and V of `samples` mapped into the code space (queries unchanged).
+KvSamples SamplesInCodeSpace(const CodeSpace& cs, const KvSamples& samples);
+
 class Codebook {
  public:
   // Takes tables in the order (l, c, h) with h only when per_head; each holds
-  // stages*size*head_dim floats. Validates sizes and finiteness and computes the id.
-  static absl::StatusOr<Codebook> Create(RvqConfig config, std::vector<std::vector<float>> tables);
+  // stages*size*head_dim floats, in `code_space`. Validates sizes and finiteness and computes
+  // the id.
+  static absl::StatusOr<Codebook> Create(RvqConfig config, std::vector<std::vector<float>> tables,
+                                         CodeSpace code_space = {});
   static absl::StatusOr<Codebook> Load(const std::string& path);
   static absl::StatusOr<Codebook> FromBytes(std::string bytes, const std::string& what);
   std::string Serialize() const;
@@ -61,6 +103,7 @@ class Codebook {
 
   const RvqConfig& config() const { return config_; }
   const std::string& id() const { return id_; }  // 32 hex chars
+  const CodeSpace& code_space() const { return code_space_; }
   // Pointer to stage `stage` of (layer, kind, head): [size, head_dim].
   const float* Table(int layer, int kind, int head, int stage) const;
   // Squared norms of the codewords of the same table: [size].
@@ -70,6 +113,7 @@ class Codebook {
  private:
   RvqConfig config_;
   std::vector<std::vector<float>> tables_, norms_;
+  CodeSpace code_space_;
   std::string id_;
 };
 

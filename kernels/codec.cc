@@ -254,6 +254,7 @@ absl::Status Codec::Encode(absl::Span<const KvBlockView> blocks,
     h.head_dim = blk.shape.head_dim;
     h.sink_tokens = sinks;
     h.first_layer = blk.first_layer;
+    h.first_token = HeaderFirstToken(blk.first_token);
     FillHeader(&h);
     std::string payload(reinterpret_cast<const char*>(&h), sizeof h);
     const size_t esize = DTypeSize(blk.dtype);

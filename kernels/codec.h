@@ -39,10 +39,17 @@ struct PayloadHeader {
   int32_t group;            // scalar: group size; others 0
   uint8_t codebook_tag[8];  // rvq: first 8 bytes of the codebook id; zero otherwise
   int32_t first_layer;      // model layer of the block's layer 0 (layer-range blocks)
-  int32_t reserved;         // zero
+  int32_t first_token;      // sequence position of the block's token 0 (-1: beyond int32;
+                            // written as 0 by older encoders); rvq with a pre-RoPE code
+                            // space needs it to rotate keys back
 };
 #pragma pack(pop)
 static_assert(sizeof(PayloadHeader) == 48);
+
+// The header's first_token field for a block starting at `first_token` (-1 past int32).
+inline int32_t HeaderFirstToken(int64_t first_token) {
+  return first_token <= INT32_MAX ? static_cast<int32_t>(first_token) : -1;
+}
 
 // Parses and validates a payload's header (magic, version, kind, dtype, shape). InvalidArgument
 // on garbage.

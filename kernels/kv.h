@@ -55,6 +55,8 @@ struct KvSamples {
   // Lengths of the sequences concatenated in k/v (empty: one sequence). Attention-based
   // metrics never attend across a sequence boundary.
   std::vector<int64_t> seq_lens;
+  // Sequence position of each sequence's first row (empty: every sequence starts at 0).
+  std::vector<int64_t> seq_starts;
   // Optional post-RoPE queries at the same positions: [layer] -> [n, q_heads, head_dim].
   int32_t q_heads = 0;
   std::vector<std::vector<float>> q;

@@ -4,9 +4,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "common/parallel.h"
+#include "common/simd.h"
 #include "common/status_macros.h"
 #include "kernels/fidelity.h"
 #include "kernels/vq_search.h"
@@ -14,9 +16,16 @@
 namespace vqkv::kernels {
 namespace {
 
-// Reconstructions of `x` ([n, heads, dim]) after 1..stages stages: out[i] for i+1 stages.
+// Reconstructions of `x_in` ([n, heads, dim], row t at positions[t]) after 1..stages stages:
+// out[i] for i+1 stages, mapped back from the codebook's code space.
 std::vector<std::vector<float>> PrefixReconstructions(const Codebook& cb, int layer, int kind,
-                                                      const std::vector<float>& x) {
+                                                      const std::vector<float>& x_in,
+                                                      absl::Span<const int64_t> positions) {
+  std::vector<float> x = x_in;
+  const int64_t rows = int64_t(x.size()) / (int64_t{cb.config().kv_heads} * cb.config().head_dim);
+  const auto pos = positions.subspan(0, size_t(rows));
+  ToCodeSpace(cb.code_space(), layer, kind, cb.config().kv_heads, cb.config().head_dim, pos,
+              x.data());
   const RvqConfig& cfg = cb.config();
   const int dim = cfg.head_dim, heads = cfg.kv_heads;
   const StageConfig& sc = cfg.at(layer, kind);
@@ -50,8 +59,128 @@ std::vector<std::vector<float>> PrefixReconstructions(const Codebook& cb, int la
       }
     }
     out.push_back(recon);
+    FromCodeSpace(cb.code_space(), layer, kind, heads, dim, pos, out.back().data());
   }
   return out;
+}
+
+struct PairErrors {
+  std::vector<double> err2;  // [a * B + b]: squared attention-output error, summed
+  double ref2 = 0;           // squared exact attention output, summed
+};
+
+inline float Dot(const float* a, const float* b, int n) {
+  simd::V8 acc = {};
+  int i = 0;
+  for (; i + 8 <= n; i += 8) acc += simd::Load8(a + i) * simd::Load8(b + i);
+  float s = simd::Sum8(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Attention-output errors of one layer for every (K prefix a, V prefix b) pair, as a decoder
+// with a compressed cache sees them (sinks and the recent window exact). Per query the exact
+// output is computed once, the reconstructed probabilities once per K prefix, and only the
+// weighted value sum per pair: the work is A*n*dim + A*B*n*dim per query, not 4*A*B*n*dim.
+PairErrors MeasurePairErrors(const KvSamples& calib, int l,
+                             const std::vector<std::vector<float>>& kr,
+                             const std::vector<std::vector<float>>& vr,
+                             const std::vector<int64_t>& seq_lens, const BudgetOptions& opts) {
+  const int dim = calib.head_dim, kvh_n = calib.kv_heads, qh_n = calib.q_heads;
+  const int group = qh_n / kvh_n;
+  const size_t A = kr.size(), B = vr.size();
+  const float scale = float(1.0 / std::sqrt(double(dim)));
+  const int64_t min_pos = opts.sink_tokens + opts.recent_tokens;
+  struct Job {
+    int64_t off, t;
+    int h;
+  };
+  std::vector<Job> jobs;
+  int64_t off = 0;
+  for (int64_t len : seq_lens) {
+    int64_t stride = std::max<int64_t>(1, opts.query_stride);
+    if (opts.max_queries > 0) stride = std::max<int64_t>(stride, (len - min_pos) / opts.max_queries);
+    if (len > min_pos) {
+      for (int64_t t = len - 1; t >= min_pos; t -= stride) {
+        for (int h = 0; h < qh_n; ++h) jobs.push_back({off, t, h});
+      }
+    }
+    off += len;
+  }
+  PairErrors total;
+  total.err2.assign(A * B, 0.0);
+  std::mutex mu;
+  ParallelFor(int64_t(jobs.size()), 2, [&](int64_t jb, int64_t je) {
+    std::vector<double> err2(A * B, 0.0);
+    double ref2 = 0;
+    std::vector<float> lg, p, ph, o(dim), oe(dim), oh(dim);
+    for (int64_t j = jb; j < je; ++j) {
+      const Job& job = jobs[j];
+      const int64_t n = job.t + 1;
+      const int kvh = job.h / group;
+      const float* q = calib.q[l].data() + ((job.off + job.t) * qh_n + job.h) * dim;
+      auto row = [&](const float* base, int64_t s) {
+        return base + ((job.off + s) * kvh_n + kvh) * dim;
+      };
+      const float* k = calib.k[l].data();
+      const float* v = calib.v[l].data();
+      lg.resize(n);
+      p.resize(n);
+      ph.resize(n);
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < n; ++s) {
+        lg[s] = Dot(q, row(k, s), dim) * scale;
+        mx = std::max(mx, lg[s]);
+      }
+      double z = 0;
+      for (int64_t s = 0; s < n; ++s) z += (p[s] = std::exp(lg[s] - mx));
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t s = 0; s < n; ++s) {
+        const float w = float(p[s] / z);
+        p[s] = w;
+        const float* vs = row(v, s);
+        for (int d = 0; d < dim; ++d) o[d] += w * vs[d];
+      }
+      for (int d = 0; d < dim; ++d) ref2 += double(o[d]) * o[d];
+      // Compressed positions: [sink_tokens, t - recent_tokens].
+      const int64_t c0 = std::min<int64_t>(opts.sink_tokens, n);
+      const int64_t c1 = std::max<int64_t>(c0, job.t - opts.recent_tokens + 1);
+      for (size_t a = 0; a < A; ++a) {
+        const float* khat = kr[a].data();
+        float mh = -INFINITY;
+        for (int64_t s = 0; s < n; ++s) {
+          ph[s] = (s >= c0 && s < c1) ? Dot(q, row(khat, s), dim) * scale : lg[s];
+          mh = std::max(mh, ph[s]);
+        }
+        double zh = 0;
+        for (int64_t s = 0; s < n; ++s) zh += (ph[s] = std::exp(ph[s] - mh));
+        const float iz = float(1.0 / zh);
+        std::fill(oe.begin(), oe.end(), 0.f);
+        for (int64_t s = 0; s < n; ++s) {
+          ph[s] *= iz;
+          if (s >= c0 && s < c1) continue;
+          const float* vs = row(v, s);
+          for (int d = 0; d < dim; ++d) oe[d] += ph[s] * vs[d];
+        }
+        for (size_t b = 0; b < B; ++b) {
+          const float* vhat = vr[b].data();
+          oh = oe;
+          for (int64_t s = c0; s < c1; ++s) {
+            const float w = ph[s];
+            const float* vs = row(vhat, s);
+            for (int d = 0; d < dim; ++d) oh[d] += w * vs[d];
+          }
+          double e = 0;
+          for (int d = 0; d < dim; ++d) e += double(o[d] - oh[d]) * (o[d] - oh[d]);
+          err2[a * B + b] += e;
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = 0; i < err2.size(); ++i) total.err2[i] += err2[i];
+    total.ref2 += ref2;
+  });
+  return total;
 }
 
 }  // namespace
@@ -79,46 +208,23 @@ absl::StatusOr<SplitErrors> MeasureSplitErrors(const Codebook& full, const KvSam
     return absl::InvalidArgumentError(
         "choose split: calibration samples carry no queries (q, q_heads)");
   }
-  const int L = cfg.layers, dim = cfg.head_dim;
+  const int L = cfg.layers;
   std::vector<int64_t> seq_lens = calib.seq_lens;
   if (seq_lens.empty()) seq_lens.push_back(calib.tokens(0));
   // err[l][nk-1][nv-1]
   std::vector<std::vector<std::vector<double>>> err(L);
   int64_t step = 0;
   const int64_t total = int64_t{L} * cfg.k[0].stages;
+  const std::vector<int64_t> positions = SamplePositions(calib);
   for (int l = 0; l < L; ++l) {
-    const auto kr = PrefixReconstructions(full, l, 0, calib.k[l]);
-    const auto vr = PrefixReconstructions(full, l, 1, calib.v[l]);
+    const auto kr = PrefixReconstructions(full, l, 0, calib.k[l], positions);
+    const auto vr = PrefixReconstructions(full, l, 1, calib.v[l], positions);
     err[l].assign(kr.size(), std::vector<double>(vr.size(), 0));
+    const PairErrors pe = MeasurePairErrors(calib, l, kr, vr, seq_lens, opts);
     for (size_t a = 0; a < kr.size(); ++a) {
       for (size_t b = 0; b < vr.size(); ++b) {
-        AttentionAccumulator acc;
-        int64_t off = 0;
-        for (int64_t len : seq_lens) {
-          AttentionInputs in;
-          const int64_t kvo = off * calib.kv_heads * dim;
-          in.q = calib.q[l].data() + off * calib.q_heads * dim;
-          in.k = calib.k[l].data() + kvo;
-          in.v = calib.v[l].data() + kvo;
-          in.k_hat = kr[a].data() + kvo;
-          in.v_hat = vr[b].data() + kvo;
-          in.tokens = len;
-          in.q_heads = calib.q_heads;
-          in.kv_heads = calib.kv_heads;
-          in.dim = dim;
-          in.min_position = opts.sink_tokens + opts.recent_tokens;
-          in.query_stride = opts.query_stride;
-          if (opts.max_queries > 0) {
-            in.query_stride =
-                std::max<int64_t>(in.query_stride, (len - in.min_position) / opts.max_queries);
-          }
-          in.sink_tokens = opts.sink_tokens;
-          in.recent_tokens = opts.recent_tokens;
-          in.output_only = true;
-          if (len > in.min_position) acc.Add(in);
-          off += len;
-        }
-        err[l][a][b] = acc.Finish().output_rel_error;
+        const double e2 = pe.err2[a * vr.size() + b];
+        err[l][a][b] = pe.ref2 > 0 ? std::sqrt(e2 / pe.ref2) : 0;
       }
       ++step;
       if (opts.progress)

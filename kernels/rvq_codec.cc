@@ -6,6 +6,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "common/parallel.h"
+#include "common/status_macros.h"
 #include "kernels/bitpack.h"
 #include "kernels/codebook.h"
 #include "kernels/codec_impl.h"
@@ -60,6 +61,7 @@ class RvqCodec final : public Codec {
     const RvqConfig& cfg = cb_.config();
     const int sinks = h.sink_tokens, t1 = s.tokens - sinks, dim = s.head_dim, heads = s.kv_heads;
     const int64_t n = int64_t{t1} * heads;
+    VQKV_ASSIGN_OR_RETURN(const std::vector<int64_t> positions, Positions(h));
     // codes[l][c]: [t1 * heads, stages]
     std::vector<std::vector<int32_t>> codes(size_t(s.layers) * 2);
     std::vector<float> r, dist;
@@ -71,6 +73,7 @@ class RvqCodec final : public Codec {
         auto& out = codes[l * 2 + c];
         out.assign(n * sc.stages, 0);
         r.assign(x + s.Offset(l, c, sinks, 0), x + s.Offset(l, c, sinks, 0) + n * dim);
+        ToCodeSpace(cb_.code_space(), ml, c, heads, dim, positions, r.data());
         const int groups = cfg.per_head ? heads : 1;
         for (int g = 0; g < groups; ++g) {
           // With per-head codebooks each head is encoded against its own tables.
@@ -137,6 +140,7 @@ class RvqCodec final : public Codec {
     const KvShape s = HeaderShape(h);
     const RvqConfig& cfg = cb_.config();
     const int sinks = h.sink_tokens, t1 = s.tokens - sinks, dim = s.head_dim;
+    VQKV_ASSIGN_OR_RETURN(const std::vector<int64_t> positions, Positions(h));
     BitReader rd(body);
     for (int l = 0; l < s.layers; ++l) {
       const int ml = h.first_layer + l;
@@ -155,12 +159,32 @@ class RvqCodec final : public Codec {
             }
           }
         }
+        FromCodeSpace(cb_.code_space(), ml, c, s.kv_heads, dim, positions,
+                      x + s.Offset(l, c, sinks, 0));
       }
     }
     return absl::OkStatus();
   }
 
  private:
+  // Sequence positions of the coded (non-sink) tokens; empty when the code space has no RoPE.
+  absl::StatusOr<std::vector<int64_t>> Positions(const PayloadHeader& h) const {
+    const int t1 = h.tokens - h.sink_tokens;
+    std::vector<int64_t> pos;
+    if (cb_.code_space().key_rope_inv_freq.empty()) {
+      pos.assign(size_t(t1), 0);  // unused by the scale-only transform except for the count
+      return pos;
+    }
+    if (h.first_token < 0) {
+      return absl::InvalidArgumentError(
+          "rvq codec: the codebook codes keys before RoPE, which needs the block's position, "
+          "but the block starts past position 2^31 (or the payload has none)");
+    }
+    pos.resize(size_t(t1));
+    for (int t = 0; t < t1; ++t) pos[t] = int64_t{h.first_token} + h.sink_tokens + t;
+    return pos;
+  }
+
   const Codebook& cb_;
   uint8_t tag_[8];
 };

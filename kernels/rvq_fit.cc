@@ -135,9 +135,84 @@ std::vector<float> KMeans(const float* x, int64_t n, int dim, int k, const FitOp
   return c;
 }
 
-absl::StatusOr<Codebook> FitCodebook(const RvqConfig& config, const KvSamples& samples,
+absl::StatusOr<CodeSpace> ComputeCodeSpace(const KvSamples& samples,
+                                           const CodeSpaceOptions& opts) {
+  const int L = samples.layers, H = samples.kv_heads, dim = samples.head_dim;
+  CodeSpace cs;
+  cs.key_rope_inv_freq = opts.key_rope_inv_freq;
+  if (!(opts.exponent > 0) || !(opts.floor > 0)) {
+    return absl::InvalidArgumentError("code space: exponent and floor must be positive");
+  }
+  const bool rope = !opts.key_rope_inv_freq.empty();
+  // Turns channel energies of one (layer, kind) into weights: pair-averaged under RoPE for keys
+  // (a rotation mixes each pair, so only the pair's energy is position-free).
+  auto weights = [&](std::vector<double> e, bool pairs) {
+    std::vector<float> w(e.size());
+    for (int h = 0; h < H; ++h) {
+      double* eh = e.data() + int64_t{h} * dim;
+      if (pairs) {
+        for (int i = 0; i < dim / 2; ++i) {
+          const double m = 0.5 * (eh[i] + eh[i + dim / 2]);
+          eh[i] = eh[i + dim / 2] = m;
+        }
+      }
+      std::vector<double> p(dim);
+      double ms = 0;
+      for (int d = 0; d < dim; ++d) {
+        p[d] = std::pow(std::max(eh[d], 0.0), opts.exponent / 2);
+        ms += p[d] * p[d];
+      }
+      ms = ms / dim;
+      const double norm = ms > 0 ? 1.0 / std::sqrt(ms) : 1.0;
+      for (int d = 0; d < dim; ++d) {
+        w[int64_t{h} * dim + d] = float(std::max(p[d] * norm, opts.floor));
+      }
+    }
+    return w;
+  };
+  if (opts.key_query_scale || !opts.value_energy.empty()) cs.scale.assign(size_t(L) * 2, {});
+  if (opts.key_query_scale) {
+    if (samples.q_heads <= 0 || int(samples.q.size()) != L || samples.q_heads % H != 0) {
+      return absl::InvalidArgumentError(
+          "code space: key_query_scale needs calibration queries (q, q_heads)");
+    }
+    const int group = samples.q_heads / H;
+    for (int l = 0; l < L; ++l) {
+      const std::vector<float>& q = samples.q[l];
+      const int64_t n = int64_t(q.size()) / (int64_t{samples.q_heads} * dim);
+      std::vector<double> e(size_t(H) * dim, 0.0);
+      for (int64_t t = 0; t < n; ++t) {
+        for (int qh = 0; qh < samples.q_heads; ++qh) {
+          const float* v = q.data() + (t * samples.q_heads + qh) * dim;
+          double* eh = e.data() + int64_t{qh / group} * dim;
+          for (int d = 0; d < dim; ++d) eh[d] += double(v[d]) * v[d];
+        }
+      }
+      cs.scale[size_t(l) * 2] = weights(std::move(e), rope);
+    }
+  }
+  if (!opts.value_energy.empty()) {
+    if (int(opts.value_energy.size()) != L) {
+      return absl::InvalidArgumentError("code space: value_energy needs one vector per layer");
+    }
+    for (int l = 0; l < L; ++l) {
+      if (int64_t(opts.value_energy[l].size()) != int64_t{H} * dim) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("code space: value_energy[", l, "] needs kv_heads*head_dim values"));
+      }
+      std::vector<double> e(opts.value_energy[l].begin(), opts.value_energy[l].end());
+      cs.scale[size_t(l) * 2 + 1] = weights(std::move(e), false);
+    }
+  }
+  VQKV_RETURN_IF_ERROR(cs.Validate(L, H, dim));
+  return cs;
+}
+
+absl::StatusOr<Codebook> FitCodebook(const RvqConfig& config, const KvSamples& raw_samples,
                                      const FitOptions& opts) {
   VQKV_RETURN_IF_ERROR(config.Validate());
+  VQKV_RETURN_IF_ERROR(opts.code_space.Validate(config.layers, config.kv_heads, config.head_dim));
+  const KvSamples samples = SamplesInCodeSpace(opts.code_space, raw_samples);
   if (samples.layers != config.layers || samples.kv_heads != config.kv_heads ||
       samples.head_dim != config.head_dim) {
     return absl::InvalidArgumentError(
@@ -208,7 +283,7 @@ absl::StatusOr<Codebook> FitCodebook(const RvqConfig& config, const KvSamples& s
       }
     }
   }
-  return Codebook::Create(config, std::move(tables));
+  return Codebook::Create(config, std::move(tables), opts.code_space);
 }
 
 absl::StatusOr<Codebook> TruncateCodebook(const Codebook& cb, const RvqConfig& config) {
@@ -235,7 +310,7 @@ absl::StatusOr<Codebook> TruncateCodebook(const Codebook& cb, const RvqConfig& c
       }
     }
   }
-  return Codebook::Create(config, std::move(tables));
+  return Codebook::Create(config, std::move(tables), cb.code_space());
 }
 
 }  // namespace vqkv::kernels

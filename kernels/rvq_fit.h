@@ -20,9 +20,34 @@ struct FitOptions {
   int iterations = 10;  // Lloyd iterations per stage
   uint64_t seed = 1;
   int64_t max_vectors = 1 << 17;  // per table; larger sample sets are subsampled (seeded)
+  // The code space of the fitted codebook (see codebook.h); the samples are mapped into it
+  // before fitting. Empty: vectors are coded as given.
+  CodeSpace code_space;
   // Called after each stage of each table: (done, total, description).
   std::function<void(int64_t, int64_t, const std::string&)> progress;
 };
+
+// How to choose a code space from calibration samples (ComputeCodeSpace).
+struct CodeSpaceOptions {
+  // Non-empty: code keys before RoPE with these inverse frequencies ([head_dim / 2], the
+  // model's, scaling included).
+  std::vector<float> key_rope_inv_freq;
+  // Weight key channels by sqrt(E[q_d^2]) over the queries that read them (needs samples.q).
+  bool key_query_scale = false;
+  // Optional value channel energies [layer] -> [kv_heads * head_dim] (e.g. the squared column
+  // norms of the output projection summed over the query heads that read each KV head); values
+  // are weighted by their square roots.
+  std::vector<std::vector<float>> value_energy;
+  // Weights are energy^(exponent / 2): 1 = the expected squared error through the weights,
+  // smaller values soften the emphasis. Each head's weights are normalised to mean square 1 and
+  // floored at `floor` of that.
+  double exponent = 1.0;
+  double floor = 0.05;
+};
+
+// A code space for `samples` per `opts`. InvalidArgument when the options need queries the
+// samples lack or sizes disagree.
+absl::StatusOr<CodeSpace> ComputeCodeSpace(const KvSamples& samples, const CodeSpaceOptions& opts);
 
 // k-means of n rows of x ([n, dim]) into k centroids ([k, dim], returned). Empty clusters are
 // re-seeded with the point farthest from its centroid. With n <= k the points themselves are

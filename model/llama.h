@@ -62,6 +62,7 @@ class LlamaModel {
   static absl::StatusOr<LlamaModel> Create(LlamaConfig config, LlamaWeights weights);
 
   const LlamaConfig& config() const { return config_; }
+  const LlamaWeights& weights() const { return weights_; }
 
   // Logits [tokens.size(), vocab_size] of a teacher-forced pass over `tokens` (positions
   // 0..n-1). InvalidArgument when `tokens` is empty, longer than max_position_embeddings, holds

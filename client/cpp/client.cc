@@ -101,6 +101,7 @@ class GrpcClient final : public Client {
       fp->set_activate(p.activate);
       fp->set_use_stored_blocks(p.use_stored_blocks);
       fp->set_tenant(options_.tenant);
+      fp->set_key_rope_theta(p.key_rope_theta);
       bool ok = stream->Write(msg);
       for (size_t i = 0; ok && i < samples.size(); ++i) {
         const SampleView& sv = samples[i];
@@ -110,6 +111,7 @@ class GrpcClient final : public Client {
           v1::SampleChunk* c = m.mutable_samples();
           c->set_sample(static_cast<int32_t>(i));
           c->set_tokens(sv.tokens);
+          c->set_first_token(sv.first_token);
           c->set_dtype(ToProto(sv.dtype));
           c->set_offset(static_cast<int64_t>(off));
           c->set_data(data + off, std::min<size_t>(options_.chunk_bytes, sv.bytes - off));

@@ -112,6 +112,8 @@ struct FitParams {
   bool per_head = false;
   bool activate = true;
   int32_t use_stored_blocks = 0;
+  // > 0: code keys before RoPE with this rope_theta (see FitParams.key_rope_theta in the proto).
+  double key_rope_theta = 0;
 };
 
 // A calibration tensor [layers, 2, tokens, kv_heads, head_dim] in `dtype`. Not owned.
@@ -120,6 +122,7 @@ struct SampleView {
   DType dtype = DType::kF16;
   const void* data = nullptr;
   size_t bytes = 0;
+  int64_t first_token = 0;  // sequence position of token 0
 };
 
 class Client {

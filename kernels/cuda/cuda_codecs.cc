@@ -102,6 +102,7 @@ absl::StatusOr<std::string> PayloadPrefix(const Codec& codec, const KvBlockView&
   h.head_dim = s.head_dim;
   h.sink_tokens = sinks;
   h.first_layer = blk.first_layer;
+  h.first_token = HeaderFirstToken(blk.first_token);
   const size_t esize = DTypeSize(blk.dtype);
   const size_t row = size_t(s.kv_heads) * s.head_dim;
   std::string payload(reinterpret_cast<const char*>(&h), sizeof h);
@@ -675,7 +676,9 @@ absl::StatusOr<std::unique_ptr<Codec>> NewCudaRvqCodec(const CodecSpec& spec) {
     return absl::InvalidArgumentError(
         absl::StrCat("rvq-cuda codec: beam must be in [1, 64], got ", spec.beam));
   }
-  if (spec.beam > 1) return NewRvqCodec(spec);  // beam search runs on the CPU
+  // Beam search, and codebooks with a code space (pre-RoPE keys, channel scales: the kernels
+  // code vectors as given), run on the CPU codec; the payloads are the same format.
+  if (spec.beam > 1 || !spec.codebook->code_space().empty()) return NewRvqCodec(spec);
   if (!CudaDeviceAvailable()) {
     return absl::FailedPreconditionError("rvq-cuda codec: no CUDA device");
   }

@@ -353,10 +353,13 @@ absl::Status FitGroup(std::vector<TableJob*>& jobs, const StageConfig& sc, int d
 
 }  // namespace
 
-absl::StatusOr<Codebook> FitCodebookGpu(const RvqConfig& config, const KvSamples& samples,
+absl::StatusOr<Codebook> FitCodebookGpu(const RvqConfig& config, const KvSamples& raw_samples,
                                         const FitOptions& opts, const GpuFitOptions& gopts) {
   const auto t_start = std::chrono::steady_clock::now();
   VQKV_RETURN_IF_ERROR(config.Validate());
+  VQKV_RETURN_IF_ERROR(opts.code_space.Validate(config.layers, config.kv_heads, config.head_dim));
+  // The samples in the codebook's code space, as FitCodebook maps them.
+  const KvSamples samples = SamplesInCodeSpace(opts.code_space, raw_samples);
   if (samples.layers != config.layers || samples.kv_heads != config.kv_heads ||
       samples.head_dim != config.head_dim) {
     return absl::InvalidArgumentError(
@@ -454,7 +457,7 @@ absl::StatusOr<Codebook> FitCodebookGpu(const RvqConfig& config, const KvSamples
   tables.reserve(jobs.size());
   for (TableJob& j : jobs) tables.push_back(std::move(j.table));
   const auto t1 = std::chrono::steady_clock::now();
-  auto cb = Codebook::Create(config, std::move(tables));
+  auto cb = Codebook::Create(config, std::move(tables), opts.code_space);
   if (prof.on) {
     const auto t2 = std::chrono::steady_clock::now();
     std::fprintf(stderr,

@@ -50,6 +50,12 @@ absl::Status Prepare(absl::Span<const DeviceScalarBlock> blocks, const ScalarSpe
     sb.body = reinterpret_cast<uint32_t*>(blk.body);
     sb.tokens = blk.shape.tokens;
     sb.sinks = blk.sinks;
+    const ScalarBodyLayout lay =
+        ComputeScalarBodyLayout(blk.shape.layers, blk.shape.tokens - blk.sinks, blk.shape.kv_heads,
+                                blk.shape.head_dim, spec.bits, spec.group);
+    sb.v_params_w = lay.v_params / 4;
+    sb.k_codes_w = lay.k_codes / 4;
+    sb.v_codes_w = lay.v_codes / 4;
     out->push_back(sb);
     *max_tokens = std::max(*max_tokens, blk.shape.tokens - blk.sinks);
   }
@@ -62,6 +68,15 @@ int32_t Alignment(absl::Span<const DeviceScalarBlock> blocks, bool quantize) {
   for (const DeviceScalarBlock& blk : blocks) {
     if (blk.shape.tokens <= blk.sinks) continue;
     bits |= reinterpret_cast<uintptr_t>(quantize ? blk.in : static_cast<const void*>(blk.out));
+  }
+  return static_cast<int32_t>(bits & (~bits + 1));
+}
+
+// Largest power of two (<= 32) dividing the non-sink token count of every block that has codes.
+int32_t TokenAlignment(absl::Span<const DeviceScalarBlock> blocks) {
+  uint32_t bits = 32;
+  for (const DeviceScalarBlock& blk : blocks) {
+    if (blk.shape.tokens > blk.sinks) bits |= static_cast<uint32_t>(blk.shape.tokens - blk.sinks);
   }
   return static_cast<int32_t>(bits & (~bits + 1));
 }
@@ -84,6 +99,7 @@ absl::Status ScalarQuantize(absl::Span<const DeviceScalarBlock> blocks, DType in
   StreamScratch scratch(stream);
   ScalarParams p;
   p.align = Alignment(blocks, true);
+  p.t1_align = TokenAlignment(blocks);
   VQKV_ASSIGN_OR_RETURN(p.blocks, scratch.Upload(sb, "scalar blocks"));
   p.num_blocks = static_cast<int32_t>(sb.size());
   p.layers = s0.layers;

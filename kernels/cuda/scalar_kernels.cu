@@ -20,6 +20,9 @@
 // bits, so the body needs no zeroing; the stream's zero padding is written by the last run.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/scalar_kernels.h"
@@ -204,7 +207,7 @@ __device__ __forceinline__ QParams MakeParams(float lo, float hi, int levels) {
   g.scale = __half2float(s);
   g.zero = __half2float(z);
   float r;
-  asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(g.scale));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(g.scale));  // scale >= 2^-24: no subnormals
   g.inv = g.scale > 0.f ? r : 0.f;
   g.ok = isfinite(g.scale) && isfinite(g.zero);
   return g;
@@ -610,6 +613,339 @@ __global__ void __launch_bounds__(kThreads, 3) QuantizeV(const ScalarParams p) {
   if (bad && p.error_flag != nullptr) *p.error_flag = 1;
 }
 
+// ---- fast quantize paths: 2-byte elements, groups of 32 -------------------------------------
+//
+// Per element the work is the bit-exact code step and little else: a group's scale and zero are
+// made once (one thread owns whole groups: K one channel pair of 32 tokens, V one 32-channel run
+// of a token), index math is 32-bit per thread, and codes are floors without clamping, packed
+// with one funnel shift each:
+//   code = floor(y + 1/2 -/+ kTieEps) with y = (x - zero) * inv, the two floors differing only
+//   near a rounding boundary (those codes alone are redone by FixCodes).
+// Clamping is dropped by checking the group's extremes: the floors are monotone in x, so when the
+// minimum's low floor and the maximum's high floor lie in [0, levels], every code does ("safe";
+// other groups are redone whole by FixCodes, which clamps). When |zero * inv| <= kFoldLimit for
+// every lane of a warp, the subtraction folds into the fma's addend, x * inv + (c - zero * inv):
+// the addend's rounding (<= 32.5 * 2^-24) plus the ~3.8e-6 of the unfolded form (rcp.approx,
+// the CPU's two roundings, |y| <= 15.5) stays below kTieEps, so the tie test still covers it.
+
+constexpr float kFoldLimit = 32.f;
+constexpr float kLowAdd = 0.5f - kTieEps;
+constexpr float kHighAdd = 0.5f + kTieEps;
+constexpr uint32_t kMagicBits = 0x4B400000u;  // bits of kMagic
+
+template <typename T>
+__device__ __forceinline__ typename Packed2<T>::type AsPair(uint32_t u) {
+  typename Packed2<T>::type h;
+  static_assert(sizeof(h) == 4, "pair of 2-byte elements");
+  memcpy(&h, &u, 4);
+  return h;
+}
+__device__ __forceinline__ float Lane(__half2 h, int v) {
+  return v ? __high2float(h) : __low2float(h);
+}
+__device__ __forceinline__ float Lane(__nv_bfloat162 h, int v) {
+  return v ? __high2float(h) : __low2float(h);
+}
+
+// Bits of kMagic + floor(y + add); kFold: x * inv already holds -zero * inv in `add`.
+template <bool kFold>
+__device__ __forceinline__ uint32_t Floor(float x, float zero, float inv, float add) {
+  const float a = kFold ? x : __fsub_rn(x, zero);
+  return __float_as_uint(__fadd_rd(__fmaf_rn(a, inv, add), kMagic));
+}
+
+struct Coder {
+  QParams g;
+  float cl = kLowAdd, ch = kHighAdd;  // addends of the low and high floor
+  bool fold_ok = false;               // |zero * inv| <= kFoldLimit
+  bool safe = false;                  // every code in [0, levels] without clamping
+};
+
+template <int BITS>
+__device__ __forceinline__ Coder MakeCoder(float lo, float hi) {
+  Coder c;
+  c.g = MakeParams(lo, hi, (1 << BITS) - 1);
+  c.fold_ok = fabsf(c.g.zero * c.g.inv) <= kFoldLimit;  // false for NaN
+  return c;
+}
+
+// Sets the addends for the warp's choice and checks the group's extremes.
+template <int BITS>
+__device__ __forceinline__ void Arm(Coder& c, bool fold, float lo, float hi) {
+  constexpr uint32_t kLevels = (1u << BITS) - 1u;
+  uint32_t a, b;
+  if (fold) {
+    c.cl = __fmaf_rn(-c.g.zero, c.g.inv, kLowAdd);
+    c.ch = __fmaf_rn(-c.g.zero, c.g.inv, kHighAdd);
+    a = Floor<true>(lo, c.g.zero, c.g.inv, c.cl);
+    b = Floor<true>(hi, c.g.zero, c.g.inv, c.ch);
+  } else {
+    a = Floor<false>(lo, c.g.zero, c.g.inv, c.cl);
+    b = Floor<false>(hi, c.g.zero, c.g.inv, c.ch);
+  }
+  c.safe = a - kMagicBits <= kLevels && b - kMagicBits <= kLevels;
+}
+
+// Redoes the fields of `word` where `diff` is non-zero (the two floors disagreed, or every field
+// for a group that needs clamping) with the CPU's arithmetic; x: the word's values at `stride`.
+// Exact ties are not rare in fp16 data (x - zero a multiple of scale / 2), so only the undecided
+// codes pay for a division.
+template <typename T, int BITS>
+__device__ __noinline__ Exact FixCodes(uint32_t word, uint32_t diff, const T* x, int64_t stride,
+                                       int count, float zero, float scale) {
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  Exact e{word, false};
+  while (diff != 0) {
+    const int j = (__ffs(diff) - 1) / BITS;
+    diff &= ~(kMask << (j * BITS));
+    if (j >= count) break;
+    const float v = ToF(x[j * stride]);
+    e.bad = e.bad || !isfinite(v);
+    int q = scale > 0.f ? static_cast<int>(lroundf(__fdiv_rn(__fsub_rn(v, zero), scale))) : 0;
+    q = q < 0 ? 0 : (q > int(kMask) ? int(kMask) : q);
+    e.word = (e.word & ~(kMask << (j * BITS))) | (uint32_t(q) << (j * BITS));
+  }
+  return e;
+}
+
+// One code word: the 32 / BITS values get(0..), LSB-first. Fields of `tie` are non-zero where
+// the code may be off.
+template <int BITS, bool kFold, typename Get>
+__device__ __forceinline__ uint32_t CodeWord(const Get& get, const Coder& c, uint32_t& tie) {
+  uint32_t wl = 0, wh = 0;
+#pragma unroll
+  for (int j = 0; j < 32 / BITS; ++j) {
+    const float x = get(j);
+    wl = __funnelshift_r(wl, Floor<kFold>(x, c.g.zero, c.g.inv, c.cl), BITS);
+    wh = __funnelshift_r(wh, Floor<kFold>(x, c.g.zero, c.g.inv, c.ch), BITS);
+  }
+  tie = wl ^ wh;
+  return wl;
+}
+
+// Codes of a 32-value group into w; diff: fields to redo (FixCodes), all of them when the group
+// is not safe. Returns whether any word needs it.
+template <int BITS, bool kFold, typename Get>
+__device__ __forceinline__ bool CodeGroup(const Get& get, const Coder& c, uint32_t (&w)[BITS],
+                                          uint32_t (&diff)[BITS]) {
+  constexpr int kCpw = 32 / BITS;
+  uint32_t any = 0;
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) {
+    w[i] = CodeWord<BITS, kFold>([&](int j) { return get(i * kCpw + j); }, c, diff[i]);
+    diff[i] = c.safe ? diff[i] : ~0u;
+    any |= diff[i];
+  }
+  return any != 0;
+}
+
+// CodeGroup for both channels of 32 rows of pairs, word by word (rows die as they are coded).
+template <int BITS, bool kFold, typename H2>
+__device__ __forceinline__ bool CodePairs(const H2 (&r)[32], const Coder (&c)[2],
+                                          uint32_t (&w)[2][BITS], uint32_t (&diff)[2][BITS]) {
+  constexpr int kCpw = 32 / BITS;
+  uint32_t any = 0;
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) {
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+      w[v][i] =
+          CodeWord<BITS, kFold>([&](int j) { return Lane(r[i * kCpw + j], v); }, c[v], diff[v][i]);
+      diff[v][i] = c[v].safe ? diff[v][i] : ~0u;
+      any |= diff[v][i];
+    }
+  }
+  return any != 0;
+}
+
+// Stores the first `nw` of N words (vector stores when whole and aligned).
+template <int N>
+__device__ __forceinline__ void StoreWords(uint32_t* dst, const uint32_t (&w)[N], int nw) {
+  const auto a = reinterpret_cast<uintptr_t>(dst);
+  if constexpr (N % 4 == 0) {
+    if (nw == N && a % 16 == 0) {
+#pragma unroll
+      for (int k = 0; k < N; k += 4) {
+        *reinterpret_cast<uint4*>(dst + k) = make_uint4(w[k], w[k + 1], w[k + 2], w[k + 3]);
+      }
+      return;
+    }
+  }
+  if constexpr (N % 2 == 0) {
+    if (nw == N && a % 8 == 0) {
+#pragma unroll
+      for (int k = 0; k < N; k += 2) *reinterpret_cast<uint2*>(dst + k) = make_uint2(w[k], w[k + 1]);
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    if (k < nw) dst[k] = w[k];
+  }
+}
+
+// K: one thread per (channel pair, group of 32 tokens), rows read as 4-byte pairs. Lanes take
+// 16 consecutive pairs (64 bytes of a row) times 2 groups, so each row load is two full
+// 64-byte runs and the codes and params a warp writes are contiguous when a block has 2 groups.
+// Every block's code runs start on a word (tokens * bits % 32 == 0): words are stored whole.
+// in: [layers, 2, tokens, heads * dim] of T; grid (ceil(groups * pairs' / 256), blocks, layers).
+// kNq: pairs per row when known at compile time (rows then load at immediate offsets), else 0.
+template <typename T, int BITS, int kNq, int kCta = kThreads, int kMinCtas = 768 / kCta>
+__global__ void __launch_bounds__(kCta, kMinCtas) QuantizeK32(const ScalarParams p) {
+  constexpr int kG = 32, kCpw = 32 / BITS;
+  const ScalarBlock blk = p.blocks[blockIdx.y];
+  const int t1 = blk.tokens - blk.sinks;
+  if (t1 <= 0) return;
+  const int nq = kNq > 0 ? kNq : p.heads * p.dim / 2, HD = 2 * nq, nkg = (t1 + kG - 1) / kG;
+  const unsigned i = blockIdx.x * kCta + threadIdx.x, rest = i >> 4, qhi = rest / nkg;
+  const int kg = static_cast<int>(rest - qhi * nkg), q_raw = static_cast<int>(qhi * 16 + (i & 15));
+  const bool valid = q_raw < nq;
+  if (!__any_sync(~0u, valid)) return;
+  // Lanes past the end work on the last pair (the warp votes together) and store nothing.
+  const int q = min(q_raw, nq - 1), c = 2 * q, t0 = kg * kG, n = min(kG, t1 - t0);
+  const T* x0 =
+      static_cast<const T*>(blk.in) + (int64_t(blockIdx.z) * 2 * blk.tokens + blk.sinks + t0) * HD +
+      c;
+  const uint32_t* xr = reinterpret_cast<const uint32_t*>(x0);
+  typename Packed2<T>::type r[kG];
+  if (n == kG) {
+#pragma unroll
+    for (int k = 0; k < kG; ++k) r[k] = AsPair<T>(__ldg(xr + k * nq));
+  } else {
+#pragma unroll
+    for (int k = 0; k < kG; ++k) r[k] = AsPair<T>(__ldg(xr + min(k, n - 1) * nq));
+  }
+  auto lo2 = r[0], hi2 = r[0];
+#pragma unroll
+  for (int k = 1; k < kG; ++k) {
+    lo2 = __hmin2_nan(lo2, r[k]);
+    hi2 = __hmax2_nan(hi2, r[k]);
+  }
+  float lo[2], hi[2];
+  Coder cd[2];
+  bool bad = false;
+#pragma unroll
+  for (int v = 0; v < 2; ++v) {
+    lo[v] = Lane(lo2, v);
+    hi[v] = Lane(hi2, v);
+    if (lo[v] == 0.f || hi[v] == 0.f) {
+      const float2 m = CpuMinMax(x0 + v, HD, n);
+      lo[v] = m.x;
+      hi[v] = m.y;
+    }
+    cd[v] = MakeCoder<BITS>(lo[v], hi[v]);
+    bad = bad || !cd[v].g.ok;
+  }
+  const bool fold = __all_sync(~0u, cd[0].fold_ok && cd[1].fold_ok);
+  Arm<BITS>(cd[0], fold, lo[0], hi[0]);
+  Arm<BITS>(cd[1], fold, lo[1], hi[1]);
+  uint32_t w[2][BITS], diff[2][BITS];
+  const bool redo = fold ? CodePairs<BITS, true>(r, cd, w, diff)
+                         : CodePairs<BITS, false>(r, cd, w, diff);
+  const int nw = n / kCpw;  // whole words: n * BITS is a multiple of 32
+  if (valid) {
+    const int64_t col = int64_t(blockIdx.z) * HD + c;
+    const int run = t1 / kCpw;  // words per channel
+    if (redo) {
+#pragma unroll
+      for (int v = 0; v < 2; ++v) {
+#pragma unroll
+        for (int k = 0; k < BITS; ++k) {
+          if (k < nw && diff[v][k] != 0) {
+            const Exact e = FixCodes<T, BITS>(w[v][k], diff[v][k], x0 + v + int64_t(k * kCpw) * HD,
+                                              HD, kCpw, cd[v].g.zero, cd[v].g.scale);
+            w[v][k] = e.word;
+            bad = bad || e.bad;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+      blk.body[(col + v) * nkg + kg] = cd[v].g.word;
+      StoreWords<BITS>(blk.body + blk.k_codes_w + (col + v) * run + kg * BITS, w[v], nw);
+    }
+  }
+  if (bad && valid && p.error_flag != nullptr) *p.error_flag = 1;
+}
+
+// V: one thread per 32-channel group (64 bytes: four 16-byte loads), kVPer groups per thread,
+// lanes on consecutive groups. Groups tile each row (dim % 32 == 0), so a layer's groups, params
+// and code words are in one order.
+constexpr int kVPer = 2;
+template <typename T, int BITS, int kCta = kThreads, int kMinCtas = 1024 / kCta>
+__global__ void __launch_bounds__(kCta, kMinCtas) QuantizeV32(const ScalarParams p) {
+  constexpr int kG = 32;
+  const ScalarBlock blk = p.blocks[blockIdx.y];
+  const int t1 = blk.tokens - blk.sinks;
+  if (t1 <= 0) return;
+  const int HD = p.heads * p.dim, gpl = t1 * (HD / kG);  // groups per layer
+  const int g0 = (blockIdx.x * kCta + (threadIdx.x & ~31)) * kVPer + (threadIdx.x & 31);
+  if (!__any_sync(~0u, g0 < gpl)) return;
+  const T* in =
+      static_cast<const T*>(blk.in) + ((int64_t(blockIdx.z) * 2 + 1) * blk.tokens + blk.sinks) * HD;
+  const uint4* src = reinterpret_cast<const uint4*>(in);
+  uint4 raw[kVPer][4];
+#pragma unroll
+  for (int u = 0; u < kVPer; ++u) {
+    const int g = min(g0 + 32 * u, gpl - 1);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) raw[u][k] = __ldg(src + int64_t(g) * 4 + k);
+  }
+  const int64_t lg = int64_t(blockIdx.z) * gpl;  // the layer's first group
+  bool bad = false;
+#pragma unroll
+  for (int u = 0; u < kVPer; ++u) {
+    const int g = min(g0 + 32 * u, gpl - 1);
+    const bool valid = g0 + 32 * u < gpl;
+    typename Packed2<T>::type r[16];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      r[4 * k] = AsPair<T>(raw[u][k].x);
+      r[4 * k + 1] = AsPair<T>(raw[u][k].y);
+      r[4 * k + 2] = AsPair<T>(raw[u][k].z);
+      r[4 * k + 3] = AsPair<T>(raw[u][k].w);
+    }
+    auto lo2 = r[0], hi2 = r[0];
+#pragma unroll
+    for (int k = 1; k < 16; ++k) {
+      lo2 = __hmin2_nan(lo2, r[k]);
+      hi2 = __hmax2_nan(hi2, r[k]);
+    }
+    float lo = MinNan(Lane(lo2, 0), Lane(lo2, 1)), hi = MaxNan(Lane(hi2, 0), Lane(hi2, 1));
+    const T* x = in + int64_t(g) * kG;
+    if (lo == 0.f || hi == 0.f) {
+      const float2 m = CpuMinMax(x, 1, kG);
+      lo = m.x;
+      hi = m.y;
+    }
+    Coder cd = MakeCoder<BITS>(lo, hi);
+    const bool fold = __all_sync(~0u, cd.fold_ok);
+    Arm<BITS>(cd, fold, lo, hi);
+    uint32_t w[BITS], diff[BITS];
+    auto get = [&](int e) { return Lane(r[e >> 1], e & 1); };
+    const bool redo = fold ? CodeGroup<BITS, true>(get, cd, w, diff)
+                           : CodeGroup<BITS, false>(get, cd, w, diff);
+    if (valid) {
+      bad = bad || !cd.g.ok;
+      if (redo) {
+#pragma unroll
+        for (int k = 0; k < BITS; ++k) {
+          if (diff[k] != 0) {
+            const Exact e = FixCodes<T, BITS>(w[k], diff[k], x + k * (32 / BITS), 1, 32 / BITS,
+                                              cd.g.zero, cd.g.scale);
+            w[k] = e.word;
+            bad = bad || e.bad;
+          }
+        }
+      }
+      blk.body[blk.v_params_w + lg + g] = cd.g.word;
+      StoreWords<BITS>(blk.body + blk.v_codes_w + (lg + g) * BITS, w, BITS);
+    }
+  }
+  if (bad && p.error_flag != nullptr) *p.error_flag = 1;
+}
+
 // ---- dequantize ------------------------------------------------------------------------------
 
 // One thread per (VEC channels, group); VEC * sizeof(T) == 16, rows 16-byte aligned.
@@ -739,9 +1075,9 @@ __global__ void __launch_bounds__(kThreads) DequantizeV(const ScalarParams p) {
 
 // ---- launchers -------------------------------------------------------------------------------
 
-dim3 Grid(int64_t items, const ScalarParams& p) {
+dim3 Grid(int64_t items, const ScalarParams& p, int cta = kThreads) {
   const int64_t x =
-      std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, int64_t(1) << 30));
+      std::max<int64_t>(1, std::min<int64_t>((items + cta - 1) / cta, int64_t(1) << 30));
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(p.num_blocks),
               static_cast<unsigned>(p.layers));
 }
@@ -756,18 +1092,80 @@ int64_t VItems(const ScalarParams& p, int32_t max_tokens) {
 }
 
 template <typename T, int BITS>
+cudaError_t QuantizeVFast(const ScalarParams& p, int32_t max_tokens, cudaStream_t s, int variant) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  const int64_t groups = int64_t(max_tokens) * p.heads * p.dim / 32;
+  const int64_t threads = (groups + kVPer - 1) / kVPer;
+  if (p.dim % 32 != 0 || p.align < 16) return cudaErrorInvalidValue;
+  if (variant == 2) {
+    QuantizeV32<T, BITS, 64, 16><<<Grid(threads, p, 64), 64, 0, s>>>(p);
+  } else {
+    QuantizeV32<T, BITS, 128, 8><<<Grid(threads, p, 128), 128, 0, s>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int BITS>
 cudaError_t Quantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t s) {
   constexpr int kVec = 4 / sizeof(T);
   const int HD = p.heads * p.dim;
   const int64_t nkg = (max_tokens + p.group - 1) / p.group;
-  if (p.align >= 4 && HD % kVec == 0) {
+  constexpr bool kPairs = sizeof(T) == 2;
+  const bool fast = kPairs && p.group == 32 && std::getenv("VQKV_SCALAR_LEGACY") == nullptr;
+  if constexpr (kPairs) {
+    if (fast && p.align >= 4 && HD % 2 == 0 && p.t1_align * BITS >= 32) {
+      const int64_t items = nkg * ((HD / 2 + 15) / 16 * 16);
+      const dim3 grid = Grid(items, p);
+      static const int variant = std::getenv("VQKV_SCALAR_VARIANT") == nullptr
+                                     ? 0
+                                     : std::atoi(std::getenv("VQKV_SCALAR_VARIANT"));
+      if constexpr (std::is_same_v<T, __half>) {
+        if (HD == 1024 && variant == 1) {
+          QuantizeK32<T, BITS, 512, 128, 6><<<Grid(items, p, 128), 128, 0, s>>>(p);
+          return QuantizeVFast<T, BITS>(p, max_tokens, s, variant);
+        }
+        if (HD == 1024 && variant == 2) {
+          QuantizeK32<T, BITS, 512, 64, 12><<<Grid(items, p, 64), 64, 0, s>>>(p);
+          return QuantizeVFast<T, BITS>(p, max_tokens, s, variant);
+        }
+        if (HD == 1024 && variant == 3) {
+          QuantizeK32<T, BITS, 512, 128, 8><<<Grid(items, p, 128), 128, 0, s>>>(p);
+          return QuantizeVFast<T, BITS>(p, max_tokens, s, variant);
+        }
+      }
+      switch (HD) {  // common K/V widths (heads * head_dim) get constant row strides
+        case 512:
+          QuantizeK32<T, BITS, 256><<<grid, kThreads, 0, s>>>(p);
+          break;
+        case 1024:
+          QuantizeK32<T, BITS, 512><<<grid, kThreads, 0, s>>>(p);
+          break;
+        case 2048:
+          QuantizeK32<T, BITS, 1024><<<grid, kThreads, 0, s>>>(p);
+          break;
+        default:
+          QuantizeK32<T, BITS, 0><<<grid, kThreads, 0, s>>>(p);
+      }
+    }
+  }
+  if (fast && p.align >= 4 && HD % 2 == 0 && p.t1_align * BITS >= 32) {
+    // launched above
+  } else if (p.align >= 4 && HD % kVec == 0) {
     QuantizeKVec<T, BITS, kVec><<<Grid(nkg * (HD / kVec), p), kThreads, 0, s>>>(p);
   } else {
     QuantizeKGeneric<T, BITS><<<Grid(nkg * HD, p), kThreads, 0, s>>>(p);
   }
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  QuantizeV<T, BITS><<<Grid(VItems<T>(p, max_tokens), p), kThreads, 0, s>>>(p);
+  if (fast && p.dim % 32 == 0 && p.align >= 16) {
+    if constexpr (kPairs) {
+      const int64_t groups = int64_t(max_tokens) * HD / 32;
+      QuantizeV32<T, BITS><<<Grid((groups + kVPer - 1) / kVPer, p), kThreads, 0, s>>>(p);
+    }
+  } else {
+    QuantizeV<T, BITS><<<Grid(VItems<T>(p, max_tokens), p), kThreads, 0, s>>>(p);
+  }
   return cudaGetLastError();
 }
 

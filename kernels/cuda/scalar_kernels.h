@@ -50,6 +50,9 @@ struct ScalarBlock {
   uint32_t* body = nullptr;  // 4-byte aligned body (quantize writes, dequantize reads)
   int32_t tokens = 0;
   int32_t sinks = 0;
+  // ScalarBodyLayout's v_params, k_codes and v_codes divided by 4 (whole words where the fast
+  // quantize paths use them); filled by the host wrapper.
+  int64_t v_params_w = 0, k_codes_w = 0, v_codes_w = 0;
 };
 
 struct ScalarParams {
@@ -62,6 +65,8 @@ struct ScalarParams {
                                    // not finite
   int32_t align = 1;  // largest power of two (<= 16) dividing every block's `in` (quantize) or
                       // `out` (dequantize) address; 8 or 16 enable the vector paths
+  int32_t t1_align = 1;  // largest power of two (<= 32) dividing every block's tokens - sinks;
+                         // quantize takes the word-aligned K path when t1_align * bits >= 32
 };
 
 // Quantize writes every byte of the body (parameters, codes, zero padding up to the next 4-byte

@@ -1,4 +1,5 @@
 // UploadCodebook and FitCodebook sessions.
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -117,6 +118,20 @@ class FitSessionImpl final : public FitSession {
     if (params_.iterations() > 0) opts.iterations = params_.iterations();
     if (params_.seed() != 0) opts.seed = params_.seed();
     if (params_.max_vectors() > 0) opts.max_vectors = params_.max_vectors();
+    if (params_.key_rope_theta() > 0) {
+      const int dim = config_.head_dim;
+      if (!(params_.key_rope_theta() > 1) || dim % 2 != 0) {
+        return absl::InvalidArgumentError(
+            "FitCodebook: key_rope_theta must be > 1 (the model's rope_theta), head_dim even");
+      }
+      kernels::CodeSpaceOptions co;
+      for (int i = 0; i < dim / 2; ++i) {
+        co.key_rope_inv_freq.push_back(float(std::pow(params_.key_rope_theta(), -2.0 * i / dim)));
+      }
+      VQKV_ASSIGN_OR_RETURN(opts.code_space, kernels::ComputeCodeSpace(samples_, co));
+    } else if (params_.key_rope_theta() < 0) {
+      return absl::InvalidArgumentError("FitCodebook: key_rope_theta must be >= 0");
+    }
     opts.progress = [&](int64_t done, int64_t total, const std::string& detail) {
       v1::FitCodebookResponse p;
       p.set_done(done);
@@ -148,6 +163,11 @@ class FitSessionImpl final : public FitSession {
       VQKV_ASSIGN_OR_RETURN(cur_dtype_, FromProto(c.dtype(), mc.dtype));
       cur_sample_ = c.sample();
       cur_tokens_ = c.tokens();
+      if (c.first_token() < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("FitCodebook: sample ", c.sample(), " has a negative first_token"));
+      }
+      cur_first_token_ = c.first_token();
       cur_total_ = mc.LayerBytes(cur_tokens_, cur_dtype_) * mc.layers;
       cur_received_ = 0;
       if (cur_total_ > core_->options.max_block_bytes * 4) {
@@ -172,12 +192,12 @@ class FitSessionImpl final : public FitSession {
       }
       std::vector<float> x(floats);
       ToFloat(cur_dtype_, buf_.data(), floats, x.data());
-      AppendTensor(x, cur_tokens_);
+      AppendTensor(x, cur_tokens_, cur_first_token_);
     }
     return absl::OkStatus();
   }
 
-  void AppendTensor(const std::vector<float>& x, int32_t tokens) {
+  void AppendTensor(const std::vector<float>& x, int32_t tokens, int64_t first_token) {
     const kernels::KvShape s = model_->config().Shape(tokens);
     const size_t plane = size_t(tokens) * s.kv_heads * s.head_dim;
     for (int l = 0; l < s.layers; ++l) {
@@ -187,6 +207,7 @@ class FitSessionImpl final : public FitSession {
       samples_.v[l].insert(samples_.v[l].end(), v, v + plane);
     }
     samples_.seq_lens.push_back(tokens);
+    samples_.seq_starts.push_back(first_token);
   }
 
   absl::Status AddStoredBlocks() {
@@ -203,7 +224,7 @@ class FitSessionImpl final : public FitSession {
       const int64_t floats = mc.Shape(leases[i]->meta().tokens).elements();
       if (!hold_.TryAdd(floats * 4)) return Busy(*core_, floats * 4);
       VQKV_ASSIGN_OR_RETURN(std::vector<float> x, codec->codec->DecodeToFloat(leases[i]->bytes()));
-      AppendTensor(x, leases[i]->meta().tokens);
+      AppendTensor(x, leases[i]->meta().tokens, leases[i]->meta().first_token);
     }
     return absl::OkStatus();
   }
@@ -218,7 +239,7 @@ class FitSessionImpl final : public FitSession {
   std::string buf_;
   int32_t cur_sample_ = 0, cur_tokens_ = 0;
   DType cur_dtype_ = DType::kF16;
-  int64_t cur_total_ = 0, cur_received_ = 0;
+  int64_t cur_total_ = 0, cur_received_ = 0, cur_first_token_ = 0;
 };
 
 }  // namespace

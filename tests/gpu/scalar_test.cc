@@ -1,6 +1,8 @@
 // GPU scalar (KIVI-style) quantize/dequantize against the CPU scalar codec: bodies byte-for-byte
 // equal, dequantized values bit-equal, guard bands intact, odd sizes and groups.
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <string>
@@ -24,6 +26,9 @@ struct ScalarCase {
   DType dtype;
   int misalign = 0;    // elements by which the input and output pointers are shifted
   bool zeros = false;  // a third of the values and all of channel 0 are +-0
+  float offset = 0;    // added to channels d % offset_every == 0 (zero points far from 0 in
+  int offset_every = 1;  // units of the scale: the quantize paths that keep x - zero)
+  bool grid = false;   // values 1 + k/2, k < 4 * levels + 1: exact rounding ties
 };
 
 class ScalarTest : public ::testing::TestWithParam<ScalarCase> {};
@@ -43,6 +48,18 @@ TEST_P(ScalarTest, MatchesCpuCodecBitForBit) {
         xf[i] = (r >> 8) % 2 ? -0.f : 0.f;
       }
     }
+  }
+  if (tc.offset != 0) {
+    for (size_t i = 0; i < xf.size(); ++i) {
+      if (int(i % s.head_dim) % tc.offset_every == 0) xf[i] += tc.offset;
+    }
+  }
+  if (tc.grid) {
+    // Groups spanning [1, 1 + 2 * levels] get scale 2; then half of the odd k sit exactly on a
+    // rounding boundary (y = k / 4), which the GPU must resolve as the CPU's lround does.
+    std::mt19937 rng(11);
+    const uint32_t steps = 4u * ((1u << tc.bits) - 1u) + 1u;
+    for (float& x : xf) x = 1.f + float(rng() % steps) / 2.f;
   }
   std::vector<uint16_t> xh;
   const void* host = xf.data();
@@ -164,6 +181,18 @@ const ScalarCase kScalarCases[] = {
     {"signed_zeros_f16", 64, 2, 2, 70, 2, 2, 32, DType::kF16, 0, true},
     {"signed_zeros_bf16_odd", 33, 3, 1, 19, 0, 4, 8, DType::kBF16, 0, true},
     {"signed_zeros_f32", 128, 4, 1, 64, 0, 4, 32, DType::kF32, 0, true},
+    // Word-aligned K path (2-byte types, group 32, tokens * bits % 32 == 0): a 16- and an
+    // 8-token tail group, signed zeros, zero points far from 0 in every third channel (K warps
+    // keep x - zero) or everywhere (V too), exact rounding ties.
+    {"k32_tail_f16", 64, 4, 2, 48, 0, 2, 32, DType::kF16},
+    {"k32_tail_bits4_bf16", 40, 3, 2, 45, 5, 4, 32, DType::kBF16},  // 60 pairs: idle lanes
+    {"k32_misaligned4_f16", 64, 2, 2, 64, 0, 2, 32, DType::kF16, 2},
+    {"k32_signed_zeros_f16", 64, 2, 2, 64, 0, 2, 32, DType::kF16, 0, true},
+    {"k32_offset_f16", 128, 4, 2, 64, 0, 2, 32, DType::kF16, 0, false, 100.f, 3},
+    {"k32_offset_all_bits4_bf16", 96, 3, 1, 32, 0, 4, 32, DType::kBF16, 0, false, 60.f, 1},
+    {"k32_ties_f16", 64, 4, 2, 64, 0, 2, 32, DType::kF16, 0, false, 0.f, 1, true},
+    {"k32_ties_bits4_bf16", 64, 2, 1, 40, 8, 4, 32, DType::kBF16, 0, false, 0.f, 1, true},
+    {"ties_f32", 64, 2, 1, 48, 0, 2, 32, DType::kF32, 0, false, 0.f, 1, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ScalarTest, ::testing::ValuesIn(kScalarCases),
@@ -206,6 +235,75 @@ TEST(ScalarBatch, MixedTokenCounts) {
     const auto b = single_bodies[i]->Download<uint8_t>();
     EXPECT_TRUE(std::equal(a.begin(), a.begin() + nb, b.begin())) << "block " << i;
     EXPECT_EQ(batch_bodies[i]->GuardDamage(), 0u);
+  }
+}
+
+// Blocks of several token counts (all multiples of 16: the word-aligned fp16 K path), one of
+// them all sinks, quantized in one launch: each body equals the CPU codec's.
+TEST(ScalarBatch, FastPathsMatchCpuPerBlock) {
+  VQKV_REQUIRE_GPU();
+  for (int bits : {2, 4}) {
+    const ScalarSpec ss{bits, 32};
+    CodecSpec spec;
+    spec.name = "scalar";
+    spec.scalar_bits = bits;
+    spec.scalar_group = 32;
+    const std::vector<std::pair<int, int>> tok_sinks = {{64, 0}, {36, 4}, {48, 0}, {3, 3},
+                                                        {16, 0}, {96, 16}};
+    std::vector<std::unique_ptr<GuardedBuffer>> ins, bodies;
+    std::vector<std::string> want;
+    std::vector<DeviceScalarBlock> blocks;
+    for (size_t i = 0; i < tok_sinks.size(); ++i) {
+      const KvShape s{2, tok_sinks[i].first, 4, 64};
+      const std::vector<float> xf = testing_data::RandomKv(s, 300 + i);
+      std::vector<uint16_t> xh(xf.size());
+      FromFloat(xf.data(), xf.size(), DType::kF16, xh.data());
+      spec.sink_tokens = tok_sinks[i].second;
+      auto cpu = CreateCodec(spec);
+      ASSERT_TRUE(cpu.ok()) << cpu.status();
+      KvBlockView v{s, DType::kF16, xh.data(), 0, 0};
+      std::vector<std::string> payloads;
+      ASSERT_TRUE((*cpu)->Encode({&v, 1}, &payloads).ok());
+      const size_t sink_bytes = size_t(s.layers) * 2 * tok_sinks[i].second * 4 * 64 * 2;
+      want.push_back(payloads[0].substr(sizeof(PayloadHeader) + sink_bytes));
+      ins.push_back(std::make_unique<GuardedBuffer>(xh.size() * 2));
+      ins.back()->Upload(xh.data(), xh.size() * 2);
+      bodies.push_back(std::make_unique<GuardedBuffer>(std::max<size_t>((want.back().size() + 3) & ~size_t{3}, 4)));
+      DeviceScalarBlock b;
+      b.shape = s;
+      b.sinks = tok_sinks[i].second;
+      b.in = ins.back()->get();
+      b.body = bodies.back()->as<uint8_t>();
+      blocks.push_back(b);
+    }
+    ASSERT_TRUE(ScalarQuantize(blocks, DType::kF16, ss, nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const auto got = bodies[i]->Download<uint8_t>();
+      EXPECT_EQ(std::memcmp(want[i].data(), got.data(), want[i].size()), 0)
+          << "bits " << bits << " block " << i;
+      EXPECT_EQ(bodies[i]->GuardDamage(), 0u);
+    }
+  }
+}
+
+TEST(ScalarErrors, RejectsNonFiniteOnFastPaths) {
+  VQKV_REQUIRE_GPU();
+  const KvShape s{2, 64, 2, 64};
+  const std::vector<float> x = testing_data::RandomKv(s, 2);
+  for (int kv = 0; kv < 2; ++kv) {
+    std::vector<uint16_t> xh(x.size());
+    FromFloat(x.data(), x.size(), DType::kF16, xh.data());
+    xh[s.Offset(1, kv, 37, 1) + 5] = 0x7C00;  // +inf
+    GuardedBuffer din(xh.size() * 2), body(1 << 16);
+    din.Upload(xh.data(), xh.size() * 2);
+    DeviceScalarBlock b;
+    b.shape = s;
+    b.in = din.get();
+    b.body = body.as<uint8_t>();
+    EXPECT_TRUE(absl::IsInvalidArgument(ScalarQuantize({&b, 1}, DType::kF16, {2, 32}, nullptr)))
+        << (kv ? "V" : "K");
+    EXPECT_EQ(body.GuardDamage(), 0u);
   }
 }
 

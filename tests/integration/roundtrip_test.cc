@@ -1,5 +1,6 @@
 // Round trips through a real vqkvd: every codec, dtype conversion, layer ranges, client-encoded
 // codes, codebook upload and server-side fitting, Lookup/Delete, stats, health and reflection.
+#include <cmath>
 #include <future>
 
 #include "absl/strings/escaping.h"
@@ -210,6 +211,64 @@ TEST_F(RoundTripTest, FitCodebookOnTheServerEqualsALocalFit) {
   auto put = PutRange(m, 0, 2);
   ASSERT_TRUE(put.ok()) << put.status();
   EXPECT_EQ(put->codebook_id, local->id());
+}
+
+// Keys coded before RoPE: the daemon rotates sample keys back by their positions, fits, and
+// codes/decodes blocks at their first_token; all equal to a local fit and the CPU codec.
+TEST_F(RoundTripTest, FitCodebookWithPreRopeKeysEqualsALocalFit) {
+  const ModelInfo m = SmallModel("rvq-rope", "rvq");
+  Register(m);
+  std::vector<std::string> cal = {RandomBlock(m, 17, 48), RandomBlock(m, 18, 48)};
+  std::vector<client::SampleView> views;
+  for (const std::string& t : cal) views.push_back({48, m.dtype, t.data(), t.size()});
+  views[1].first_token = 500;
+  client::FitParams p;
+  p.model_id = m.model_id;
+  p.k_stages = "2x16";
+  p.v_stages = "1x16";
+  p.iterations = 5;
+  p.seed = 7;
+  p.key_rope_theta = 10000;
+  auto fit = client_->FitCodebook(p, views, [](const v1::FitCodebookResponse&) {});
+  ASSERT_TRUE(fit.ok()) << fit.status();
+  kernels::FitOptions fo;
+  fo.iterations = 5;
+  fo.seed = 7;
+  for (int i = 0; i < m.head_dim / 2; ++i) {
+    fo.code_space.key_rope_inv_freq.push_back(float(std::pow(10000.0, -2.0 * i / m.head_dim)));
+  }
+  kernels::KvSamples samples = SamplesOf(m, cal, 48);
+  samples.seq_lens = {48, 48};
+  samples.seq_starts = {0, 500};
+  auto local = kernels::FitCodebook(
+      kernels::RvqConfig::Uniform(m.layers, m.kv_heads, m.head_dim, {2, 16}, {1, 16}), samples,
+      fo);
+  ASSERT_TRUE(local.ok()) << local.status();
+  EXPECT_EQ(local->code_space().DebugString(), "rope");
+  EXPECT_EQ(fit->codebook_id(), local->id());
+  // Samples placed elsewhere fit another codebook: positions matter.
+  views[1].first_token = 0;
+  auto moved = client_->FitCodebook(p, views, [](const v1::FitCodebookResponse&) {});
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_NE(moved->codebook_id(), fit->codebook_id());
+  // Make the first fit active again by uploading the local copy (same id), then round trip.
+  auto up = client_->UploadCodebook(m.model_id, local->Serialize(), true);
+  ASSERT_TRUE(up.ok()) << up.status();
+  ASSERT_TRUE(PutRange(m, 0, 3).ok());
+  kernels::CodecSpec spec = *kernels::ParseCodecSpec("rvq");
+  spec.codebook = std::make_shared<const kernels::Codebook>(*local);
+  auto codec = kernels::CreateCodec(spec);
+  ASSERT_TRUE(codec.ok());
+  auto got = client_->Get(m.model_id, Hashes(0, 3));
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (int i = 0; i < 3; ++i) {
+    const Local l = LocalCodec(**codec, m, i);
+    EXPECT_EQ((*got)[i].data, l.decoded) << i;
+  }
+  // A negative theta is refused.
+  p.key_rope_theta = -1;
+  EXPECT_EQ(client_->FitCodebook(p, views, [](const v1::FitCodebookResponse&) {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(RoundTripTest, LayerRangesAssembleIntoOneBlock) {

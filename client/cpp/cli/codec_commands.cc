@@ -1,4 +1,5 @@
 // Offline codec commands: ratio, capture, fit, eval.
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -216,6 +217,26 @@ absl::Status Fit(const Flags& f) {
     steps += (cfg.k[l].stages + cfg.v[l].stages) * (per_head ? cfg.kv_heads : 1);
   ProgressBar bar("fit", steps);
   VQKV_ASSIGN_OR_RETURN(kernels::FitOptions opts, FitOptionsFrom(f, &bar));
+  if (f.IsSet("key-rope-theta") || f.Bool("key-scale")) {
+    kernels::CodeSpaceOptions co;
+    if (f.IsSet("key-rope-theta")) {
+      VQKV_ASSIGN_OR_RETURN(double theta, f.Double("key-rope-theta"));
+      if (!(theta > 1) || s.head_dim % 2 != 0) {
+        return absl::InvalidArgumentError(
+            "fit: --key-rope-theta must be > 1 (the model's rope_theta) and head_dim even");
+      }
+      for (int i = 0; i < s.head_dim / 2; ++i) {
+        co.key_rope_inv_freq.push_back(float(std::pow(theta, -2.0 * i / s.head_dim)));
+      }
+    }
+    co.key_query_scale = f.Bool("key-scale");
+    if (co.key_query_scale && s.q.empty()) {
+      return absl::InvalidArgumentError("fit --key-scale needs samples with queries");
+    }
+    VQKV_ASSIGN_OR_RETURN(co.exponent, f.Double("scale-exponent"));
+    VQKV_ASSIGN_OR_RETURN(opts.code_space, kernels::ComputeCodeSpace(s, co));
+    std::fprintf(stderr, "code space: %s\n", opts.code_space.DebugString().c_str());
+  }
   VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::FitCodebook(cfg, s, opts));
   bar.Finish();
   if (choose) {
@@ -228,9 +249,10 @@ absl::Status Fit(const Flags& f) {
                 budget.bits_per_element, choice.config.BitsPerElement(), choice.table.c_str());
   }
   VQKV_RETURN_IF_ERROR(cb.Save(f.Str("out")));
-  std::printf("wrote %s: %s, %.3f bits/element (codes), codebook %s, id %s\n", f.Str("out").c_str(),
-              cb.config().ToString().c_str(), cb.config().BitsPerElement(),
-              Bytes(cb.config().CodebookBytes()).c_str(), cb.id().c_str());
+  std::printf("wrote %s: %s, %.3f bits/element (codes), codebook %s, code space %s, id %s\n",
+              f.Str("out").c_str(), cb.config().ToString().c_str(), cb.config().BitsPerElement(),
+              Bytes(cb.config().CodebookBytes()).c_str(), cb.code_space().DebugString().c_str(),
+              cb.id().c_str());
   return absl::OkStatus();
 }
 
@@ -255,6 +277,11 @@ int RunFit(int argc, char** argv) {
        {"seed", "1", "random seed (same seed and samples: same codebook)"},
        {"init", "kmeans++", "centroid initialisation: kmeans++ or sample"},
        {"max-vectors", "131072", "subsample each table's training vectors to this many"},
+       {"key-rope-theta", "",
+        "code keys before RoPE: the model's rope_theta (plain rotate-half RoPE); blocks must "
+        "then be put with their sequence position"},
+       {"key-scale", "", "weight key channels by the samples' query RMS (needs queries)", true},
+       {"scale-exponent", "1", "with --key-scale: weights are energy^(exponent/2)"},
        {"out", "codebook.safetensors", "output codebook file"}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Fit(f);

@@ -97,6 +97,15 @@ absl::Status Demo(const Flags& f) {
   fp.v_stages = f.Str("v");
   fp.iterations = int(iters);
   fp.seed = 1;
+  if (f.Bool("key-rope")) {
+    if (m.model.config().rope_scaling == model::RopeScaling::kNone) {
+      fp.key_rope_theta = m.model.config().rope_theta;
+    } else {
+      std::fprintf(stderr,
+                   "note: the model scales RoPE; the daemon's fit supports plain RoPE only, so "
+                   "keys are coded as given (post-RoPE)\n");
+    }
+  }
   auto t = Clock::now();
   int last_pct = -1;
   VQKV_ASSIGN_OR_RETURN(v1::FitCodebookResponse fit,
@@ -106,8 +115,10 @@ absl::Status Demo(const Flags& f) {
                             std::fprintf(stderr, "  fit %3d%% %s\n", pct, p.detail().c_str());
                           last_pct = pct;
                         }));
-  std::printf("fitted codebook %s (%s) on the daemon from %lld calibration tokens in %.1f s\n",
-              fit.codebook_id().c_str(), fit.config().c_str(), (long long)calib.tokens(), Since(t));
+  std::printf(
+      "fitted codebook %s (%s, keys %s) on the daemon from %lld calibration tokens in %.1f s\n",
+      fit.codebook_id().c_str(), fit.config().c_str(),
+      fp.key_rope_theta > 0 ? "before RoPE" : "as given", (long long)calib.tokens(), Since(t));
 
   // Evaluation stories: capture, put as chained blocks, look up, get back.
   const eval::Corpus ev =
@@ -263,7 +274,12 @@ int RunDemo(int argc, char** argv) {
        {"block-tokens", "32", "tokens per block"},
        {"k", "4x1024", "key stages x codebook size for the daemon's fit"},
        {"v", "4x512", "value stages x codebook size"},
-       {"iters", "6", "Lloyd iterations per stage"}});
+       {"iters", "6", "Lloyd iterations per stage"},
+       {"key-rope", "true",
+        "code keys before RoPE (the daemon rotates them back by position with the model's "
+        "rope_theta), so the codebook holds at positions past the calibration stories; "
+        "--key-rope=false codes them as given",
+        true}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Demo(f);
   return st.ok() ? 0 : Fail(st);

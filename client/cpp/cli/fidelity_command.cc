@@ -109,6 +109,11 @@ absl::Status Fidelity(const Flags& f) {
   kernels::FitOptions fo;
   fo.iterations = int(iters);
   fo.max_vectors = max_vectors;
+  double scale_exponent = 1;
+  if (!absl::SimpleAtod(f.Str("scale-exponent"), &scale_exponent) || !(scale_exponent > 0) ||
+      scale_exponent > 4) {
+    return absl::InvalidArgumentError("--scale-exponent must be a number in (0, 4]");
+  }
 
   auto setup = LoadModelSetup(f.Str("model"), f.Str("text"));
   const bool synthetic = !setup.ok();
@@ -172,6 +177,14 @@ absl::Status Fidelity(const Flags& f) {
     synth_eval = eval::SyntheticSamples(2, 4, 8, 16, 16, 256, 2);
   }
 
+  if (!synthetic && (f.Bool("key-rope") || f.Bool("key-scale") || f.Bool("value-scale"))) {
+    const kernels::CodeSpaceOptions cso =
+        CodeSpaceForModel(setup->model, f.Bool("key-rope"), f.Bool("key-scale"),
+                          f.Bool("value-scale"), scale_exponent);
+    VQKV_ASSIGN_OR_RETURN(fo.code_space, kernels::ComputeCodeSpace(calib, cso));
+    std::fprintf(stderr, "code space: %s (scale exponent %g)\n",
+                 fo.code_space.DebugString().c_str(), scale_exponent);
+  }
   if (paper_auto) {
     pk.stages = std::max(1, 56 * calib.head_dim / 128);
     pv.stages = std::max(1, 16 * calib.head_dim / 128);
@@ -331,6 +344,17 @@ int RunFidelity(int argc, char** argv) {
            {"sinks", "4", "leading tokens kept exact"},
            {"recent", "32", "most recent tokens kept exact"},
            {"per-head", "", "one codebook per KV head (default: shared by a layer's heads)", true},
+           {"key-rope", "",
+            "code keys before RoPE (rotated back by position with the model's frequencies), so "
+            "codebooks calibrated on short contexts hold at long ones",
+            true},
+           {"key-scale", "",
+            "weight key channels by the calibration queries' RMS (error measured as attention "
+            "logit error)",
+            true},
+           {"value-scale", "",
+            "weight value channels by the output projection's column norms", true},
+           {"scale-exponent", "1", "channel weights are energy^(exponent/2)"},
            {"beam", "1", "> 1 adds the last rvq row again with beam search of this width"},
            {"markdown", "", "also write the table to this file"}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;

@@ -58,4 +58,33 @@ absl::StatusOr<std::vector<std::string>> SelectPart(const std::vector<std::strin
       absl::StrCat("--part must be first-half, second-half or all, got '", part, "'"));
 }
 
+kernels::CodeSpaceOptions CodeSpaceForModel(const model::LlamaModel& model, bool key_rope,
+                                            bool key_scale, bool value_scale, double exponent) {
+  const model::LlamaConfig& c = model.config();
+  kernels::CodeSpaceOptions o;
+  o.exponent = exponent;
+  if (key_rope) {
+    for (double f : model::RopeInverseFrequencies(c)) o.key_rope_inv_freq.push_back(float(f));
+  }
+  o.key_query_scale = key_scale;
+  if (value_scale) {
+    const int heads = c.num_attention_heads, kvh = c.num_key_value_heads, dim = c.head_dim;
+    const int group = heads / kvh;
+    for (const model::LlamaLayerWeights& lw : model.weights().layers) {
+      const model::LinearWeights& wo = lw.o_proj;  // [hidden, heads * head_dim]
+      std::vector<float> e(size_t(kvh) * dim, 0.f);
+      std::vector<double> col(size_t(heads) * dim, 0.0);
+      for (int i = 0; i < wo.out; ++i) {
+        const float* row = wo.w.data() + int64_t{i} * wo.in;
+        for (int j = 0; j < wo.in; ++j) col[j] += double(row[j]) * row[j];
+      }
+      for (int qh = 0; qh < heads; ++qh) {
+        for (int d = 0; d < dim; ++d) e[size_t(qh / group) * dim + d] += float(col[size_t(qh) * dim + d]);
+      }
+      o.value_energy.push_back(std::move(e));
+    }
+  }
+  return o;
+}
+
 }  // namespace vqkv::cli

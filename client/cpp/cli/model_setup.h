@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/rvq_fit.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
 
@@ -28,5 +29,12 @@ absl::StatusOr<ModelSetup> LoadModelSetup(const std::string& model_dir,
 // "first-half", "second-half" or "all" of the stories.
 absl::StatusOr<std::vector<std::string>> SelectPart(const std::vector<std::string>& stories,
                                                     const std::string& part);
+
+// Code-space options for codebooks of `model` (kernels/codebook.h CodeSpace): keys before RoPE
+// with the model's inverse frequencies, key channels weighted by the calibration queries, value
+// channels weighted by the output projection's squared column norms (summed over the query heads
+// that read each KV head).
+kernels::CodeSpaceOptions CodeSpaceForModel(const model::LlamaModel& model, bool key_rope,
+                                            bool key_scale, bool value_scale, double exponent);
 
 }  // namespace vqkv::cli
