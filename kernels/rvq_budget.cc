@@ -234,6 +234,51 @@ absl::StatusOr<SplitErrors> MeasureSplitErrors(const Codebook& full, const KvSam
   return SplitErrors{std::move(err)};
 }
 
+absl::StatusOr<std::pair<KvSamples, KvSamples>> HoldOutSequences(const KvSamples& s,
+                                                                 double holdout) {
+  const size_t n = s.seq_lens.size();
+  if (n < 2) {
+    return absl::InvalidArgumentError(
+        "hold-out: need at least two calibration sequences (one to fit, one to choose on)");
+  }
+  if (!(holdout > 0 && holdout < 1)) {
+    return absl::InvalidArgumentError("hold-out fraction must be in (0, 1)");
+  }
+  const size_t held = std::clamp<size_t>(size_t(std::lround(holdout * double(n))), 1, n - 1);
+  const size_t keep = n - held;
+  int64_t keep_tokens = 0;
+  for (size_t i = 0; i < keep; ++i) keep_tokens += s.seq_lens[i];
+  KvSamples a, b;
+  for (KvSamples* o : {&a, &b}) {
+    o->layers = s.layers;
+    o->kv_heads = s.kv_heads;
+    o->head_dim = s.head_dim;
+    o->q_heads = s.q_heads;
+  }
+  const int64_t kv_row = int64_t{s.kv_heads} * s.head_dim, q_row = int64_t{s.q_heads} * s.head_dim;
+  auto cut = [](const std::vector<float>& x, int64_t at, std::vector<float>* lo,
+                std::vector<float>* hi) {
+    lo->assign(x.begin(), x.begin() + at);
+    hi->assign(x.begin() + at, x.end());
+  };
+  for (int l = 0; l < s.layers; ++l) {
+    a.k.emplace_back(), a.v.emplace_back(), b.k.emplace_back(), b.v.emplace_back();
+    cut(s.k[l], keep_tokens * kv_row, &a.k.back(), &b.k.back());
+    cut(s.v[l], keep_tokens * kv_row, &a.v.back(), &b.v.back());
+    if (l < int(s.q.size())) {
+      a.q.emplace_back(), b.q.emplace_back();
+      cut(s.q[l], keep_tokens * q_row, &a.q.back(), &b.q.back());
+    }
+  }
+  a.seq_lens.assign(s.seq_lens.begin(), s.seq_lens.begin() + keep);
+  b.seq_lens.assign(s.seq_lens.begin() + keep, s.seq_lens.end());
+  if (!s.seq_starts.empty()) {
+    a.seq_starts.assign(s.seq_starts.begin(), s.seq_starts.begin() + keep);
+    b.seq_starts.assign(s.seq_starts.begin() + keep, s.seq_starts.end());
+  }
+  return std::make_pair(std::move(a), std::move(b));
+}
+
 absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib,
                                          const BudgetOptions& opts) {
   VQKV_ASSIGN_OR_RETURN(SplitErrors errors, MeasureSplitErrors(full, calib, opts));

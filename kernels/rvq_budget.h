@@ -11,6 +11,7 @@
 
 #include <functional>
 #include <string>
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "kernels/codebook.h"
@@ -56,6 +57,14 @@ absl::StatusOr<SplitErrors> MeasureSplitErrors(const Codebook& full, const KvSam
 // no split fits the budget (every layer needs >= 1 stage for K and V).
 absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& full, const SplitErrors& errors,
                                                    const BudgetOptions& opts);
+
+// Splits `samples` by whole sequences: the last round(holdout * sequences) sequences (at least
+// one, at most all but one) go to the second result. The split chooser should measure errors on
+// sequences the codebook was not fitted on: deep residual stages memorise their training
+// vectors, so errors measured on them favour stages that do not generalise. InvalidArgument
+// with fewer than two sequences or holdout outside (0, 1).
+absl::StatusOr<std::pair<KvSamples, KvSamples>> HoldOutSequences(const KvSamples& samples,
+                                                                 double holdout);
 
 // MeasureSplitErrors followed by ChooseSplitFromErrors.
 absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib,

@@ -6,6 +6,8 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "common/parallel.h"
+#include "common/simd.h"
 #include "common/status_macros.h"
 #include "kernels/vq_search.h"
 
@@ -30,16 +32,24 @@ std::vector<float> InitPlusPlus(const float* x, int64_t n, int dim, int k, std::
   for (int j = 0; j < k; ++j) {
     std::memcpy(&c[size_t(j) * dim], x + pick * dim, dim * 4);
     const float* cj = &c[size_t(j) * dim];
-    double total = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      float s = 0;
-      for (int d = 0; d < dim; ++d) {
-        const float t = x[i * dim + d] - cj[d];
-        s += t * t;
+    // Squared distances to the new centroid (8 lanes, then a fixed-order lane sum: the same
+    // result on every run), in parallel over the points.
+    ParallelFor(n, 1024, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const float* xi = x + i * dim;
+        simd::V8 acc = {};
+        int d = 0;
+        for (; d + 8 <= dim; d += 8) {
+          const simd::V8 t = simd::Load8(xi + d) - simd::Load8(cj + d);
+          acc += t * t;
+        }
+        float s = simd::Sum8(acc);
+        for (; d < dim; ++d) s += (xi[d] - cj[d]) * (xi[d] - cj[d]);
+        d2[i] = std::min(d2[i], s);
       }
-      d2[i] = std::min(d2[i], s);
-      total += d2[i];
-    }
+    });
+    double total = 0;
+    for (int64_t i = 0; i < n; ++i) total += d2[i];
     if (total <= 0) {
       pick = std::uniform_int_distribution<int64_t>(0, n - 1)(rng);
       continue;

@@ -1,6 +1,7 @@
 // The GPU codecs through the Codec interface: registration, payloads exchangeable with the CPU
 // codecs in both directions, Encode == EncodeBatch, Decode == DecodeBatch, and the interface's
 // error contract (NaN input, wrong codebook, truncated or foreign payloads).
+#include <cmath>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -103,6 +104,46 @@ TEST(CudaCodecs, RvqPayloadsInterchangeWithCpu) {
     ASSERT_TRUE(dg.ok() && dc.ok());
     const double eg = Nmse(x.data(), dg->data(), n), ec = Nmse(x.data(), dc->data(), n);
     EXPECT_NEAR(eg, ec, 0.01 * ec) << "block " << i;
+  }
+}
+
+// A codebook with a code space (keys before RoPE, channel scales) is served by the CPU codec
+// under the rvq-cuda name: payloads and decodes equal the CPU codec's, blocks at any position.
+TEST(CudaCodecs, RvqWithACodeSpaceRunsTheCpuCodec) {
+  VQKV_REQUIRE_GPU();
+  ASSERT_TRUE(RegisterCudaCodecs());
+  const RvqConfig cfg = RvqConfig::Uniform(2, 4, 64, {4, 256}, {2, 256});
+  const Codebook plain = RandomCodebook(cfg, 9);
+  CodeSpace cs;
+  for (int i = 0; i < 32; ++i) cs.key_rope_inv_freq.push_back(std::pow(10000.f, -i / 32.f));
+  cs.scale.assign(4, std::vector<float>(4 * 64, 1.5f));
+  std::vector<std::vector<float>> tables;
+  for (int l = 0; l < 2; ++l) {
+    for (int c = 0; c < 2; ++c) {
+      const float* t = plain.Table(l, c, 0, 0);
+      tables.emplace_back(t, t + size_t(cfg.at(l, c).stages) * 256 * 64);
+    }
+  }
+  auto cb = Codebook::Create(cfg, std::move(tables), cs);
+  ASSERT_TRUE(cb.ok()) << cb.status();
+  CodecSpec spec;
+  spec.name = "rvq-cuda";
+  spec.codebook = std::make_shared<const Codebook>(*std::move(cb));
+  auto gpu = CreateCodec(spec);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  spec.name = "rvq";
+  auto cpu = CreateCodec(spec);
+  ASSERT_TRUE(cpu.ok());
+  const Blocks blocks = MakeBlocks({2, 16, 4, 64}, 3, 70);
+  std::vector<std::string> p_gpu, p_cpu;
+  ASSERT_TRUE(EncodeBatch(**gpu, blocks.views, &p_gpu).ok());
+  ASSERT_TRUE((*cpu)->Encode(blocks.views, &p_cpu).ok());
+  ASSERT_EQ(p_gpu, p_cpu);
+  for (const std::string& p : p_gpu) {
+    auto a = (*gpu)->DecodeToFloat(p);
+    auto b = (*cpu)->DecodeToFloat(p);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_EQ(*a, *b);
   }
 }
 

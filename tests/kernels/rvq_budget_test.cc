@@ -1,5 +1,6 @@
 // The split chooser's error grid equals attention errors measured the plain way: decode the
 // samples with each truncated codebook and run the reference attention (kernels/fidelity.h).
+#include <algorithm>
 #include <cmath>
 
 #include "gtest/gtest.h"
@@ -79,6 +80,37 @@ TEST(RvqBudgetTest, PairErrorsMatchTheReferenceAttention) {
   }
   // More stages never hurt on the calibration data itself by much: the full pair is the best.
   EXPECT_LT(grid->err[0][3][2], grid->err[0][0][0]);
+}
+
+TEST(RvqBudgetTest, HoldOutSequencesSplitsWholeSequences) {
+  const KvShape shape{2, 30, 2, 8};
+  const auto x = testing::RandomKv(shape, 41);
+  KvSamples s = testing::SamplesFrom(shape, x);
+  s.seq_lens = {10, 12, 8};
+  s.seq_starts = {0, 100, 7};
+  s.q_heads = 2;
+  s.q = s.k;
+  auto parts = HoldOutSequences(s, 0.34);
+  ASSERT_TRUE(parts.ok()) << parts.status();
+  const auto& [fit, held] = *parts;
+  EXPECT_EQ(fit.seq_lens, (std::vector<int64_t>{10, 12}));
+  EXPECT_EQ(held.seq_lens, (std::vector<int64_t>{8}));
+  EXPECT_EQ(held.seq_starts, (std::vector<int64_t>{7}));
+  EXPECT_EQ(fit.tokens(1), 22);
+  EXPECT_EQ(held.tokens(1), 8);
+  // The held-out rows are the original's last 8 tokens, K, V and Q alike.
+  const size_t row = 2 * 8;
+  EXPECT_TRUE(std::equal(held.k[1].begin(), held.k[1].end(), s.k[1].begin() + 22 * row));
+  EXPECT_TRUE(std::equal(held.v[0].begin(), held.v[0].end(), s.v[0].begin() + 22 * row));
+  EXPECT_TRUE(std::equal(held.q[1].begin(), held.q[1].end(), s.q[1].begin() + 22 * row));
+  EXPECT_TRUE(std::equal(fit.k[0].begin(), fit.k[0].end(), s.k[0].begin()));
+  // Always at least one sequence on each side; bad fractions and single sequences refused.
+  EXPECT_EQ(HoldOutSequences(s, 0.01)->second.seq_lens.size(), 1u);
+  EXPECT_EQ(HoldOutSequences(s, 0.99)->first.seq_lens.size(), 1u);
+  EXPECT_FALSE(HoldOutSequences(s, 0).ok());
+  EXPECT_FALSE(HoldOutSequences(s, 1).ok());
+  s.seq_lens = {30};
+  EXPECT_FALSE(HoldOutSequences(s, 0.5).ok());
 }
 
 }  // namespace

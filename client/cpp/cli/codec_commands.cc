@@ -237,12 +237,25 @@ absl::Status Fit(const Flags& f) {
     VQKV_ASSIGN_OR_RETURN(opts.code_space, kernels::ComputeCodeSpace(s, co));
     std::fprintf(stderr, "code space: %s\n", opts.code_space.DebugString().c_str());
   }
-  VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::FitCodebook(cfg, s, opts));
+  // With --bits, the split is chosen on sequences held out of the fit (when there are several).
+  const kernels::KvSamples* fit_on = &s;
+  const kernels::KvSamples* choose_on = &s;
+  std::pair<kernels::KvSamples, kernels::KvSamples> parts;
+  VQKV_ASSIGN_OR_RETURN(double holdout, f.Double("split-holdout"));
+  if (choose && holdout > 0 && s.seq_lens.size() >= 2) {
+    VQKV_ASSIGN_OR_RETURN(parts, kernels::HoldOutSequences(s, holdout));
+    fit_on = &parts.first;
+    choose_on = &parts.second;
+    std::fprintf(stderr, "fitting on %zu sequences, choosing the split on the other %zu\n",
+                 parts.first.seq_lens.size(), parts.second.seq_lens.size());
+  }
+  VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::FitCodebook(cfg, *fit_on, opts));
   bar.Finish();
   if (choose) {
     ProgressBar sbar("split", int64_t{cfg.layers} * cfg.k[0].stages);
     budget.progress = [&](int64_t d, int64_t, const std::string& w) { sbar.Update(d, w); };
-    VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice, kernels::ChooseSplit(cb, s, budget));
+    VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice,
+                          kernels::ChooseSplit(cb, *choose_on, budget));
     sbar.Finish();
     VQKV_ASSIGN_OR_RETURN(cb, kernels::TruncateCodebook(cb, choice.config));
     std::printf("budget %.3f bits/element -> chosen split (%.3f bits/element codes):\n%s",
@@ -272,6 +285,9 @@ int RunFit(int argc, char** argv) {
        {"k-size", "1024", "with --bits: key codebook size"},
        {"v-size", "512", "with --bits: value codebook size"},
        {"uniform-split", "", "with --bits: the same split on every layer", true},
+       {"split-holdout", "0.25",
+        "with --bits: share of the sample sequences held out of the fit to choose the split on "
+        "(0: choose on the fitting data)"},
        {"per-head", "", "one codebook per KV head instead of one per layer", true},
        {"iters", "10", "Lloyd iterations per stage"},
        {"seed", "1", "random seed (same seed and samples: same codebook)"},

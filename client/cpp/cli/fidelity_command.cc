@@ -5,7 +5,9 @@
 #include <memory>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "client/cpp/cli/commands.h"
 #include "client/cpp/cli/flags.h"
@@ -109,6 +111,17 @@ absl::Status Fidelity(const Flags& f) {
   kernels::FitOptions fo;
   fo.iterations = int(iters);
   fo.max_vectors = max_vectors;
+  const std::vector<std::string> code_spaces =
+      absl::StrSplit(f.Str("code-spaces"), ',', absl::SkipEmpty());
+  for (const std::string& cs : code_spaces) {
+    for (absl::string_view part : absl::StrSplit(cs, '+')) {
+      if (part != "none" && part != "rope" && part != "kscale" && part != "vscale") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--code-spaces: '", cs, "': use none or rope, kscale, vscale joined by '+'"));
+      }
+    }
+  }
+  if (code_spaces.empty()) return absl::InvalidArgumentError("--code-spaces is empty");
   double scale_exponent = 1;
   if (!absl::SimpleAtod(f.Str("scale-exponent"), &scale_exponent) || !(scale_exponent > 0) ||
       scale_exponent > 4) {
@@ -177,14 +190,6 @@ absl::Status Fidelity(const Flags& f) {
     synth_eval = eval::SyntheticSamples(2, 4, 8, 16, 16, 256, 2);
   }
 
-  if (!synthetic && (f.Bool("key-rope") || f.Bool("key-scale") || f.Bool("value-scale"))) {
-    const kernels::CodeSpaceOptions cso =
-        CodeSpaceForModel(setup->model, f.Bool("key-rope"), f.Bool("key-scale"),
-                          f.Bool("value-scale"), scale_exponent);
-    VQKV_ASSIGN_OR_RETURN(fo.code_space, kernels::ComputeCodeSpace(calib, cso));
-    std::fprintf(stderr, "code space: %s (scale exponent %g)\n",
-                 fo.code_space.DebugString().c_str(), scale_exponent);
-  }
   if (paper_auto) {
     pk.stages = std::max(1, 56 * calib.head_dim / 128);
     pv.stages = std::max(1, 16 * calib.head_dim / 128);
@@ -212,40 +217,81 @@ absl::Status Fidelity(const Flags& f) {
     steps +=
         (full_cfg.k[l].stages + full_cfg.v[l].stages) * (full_cfg.per_head ? full_cfg.kv_heads : 1);
   }
-  ProgressBar bar("fit", steps);
-  fo.progress = [&](int64_t d, int64_t, const std::string& w) { bar.Update(d, w); };
-  VQKV_ASSIGN_OR_RETURN(kernels::Codebook full, kernels::FitCodebook(full_cfg, calib, fo));
-  bar.Finish(absl::StrCat("fitted ", full_cfg.ToString(), " on ", calib.tokens(0), " tokens"));
+
+  // Codebooks are fitted on `fit_set`; the split chooser measures on `choose_set`, sequences
+  // the codebooks never saw (rvq_budget.h HoldOutSequences), unless --split-holdout is 0.
+  double holdout = 0;
+  if (!absl::SimpleAtod(f.Str("split-holdout"), &holdout) || holdout < 0 || holdout >= 1) {
+    return absl::InvalidArgumentError("--split-holdout must be a number in [0, 1)");
+  }
+  kernels::KvSamples fit_set, choose_set;
+  if (holdout > 0 && !budgets.empty()) {
+    VQKV_ASSIGN_OR_RETURN(auto parts, kernels::HoldOutSequences(calib, holdout));
+    fit_set = std::move(parts.first);
+    choose_set = std::move(parts.second);
+    std::fprintf(stderr,
+                 "split chooser: codebooks fitted on %zu sequences (%lld tokens), splits chosen on "
+                 "the other %zu (%lld tokens)\n",
+                 fit_set.seq_lens.size(), (long long)fit_set.tokens(0),
+                 choose_set.seq_lens.size(), (long long)choose_set.tokens(0));
+  } else {
+    fit_set = calib;
+    choose_set = calib;
+  }
 
   std::vector<Candidate> cands = {{"raw", "", nullptr, "raw"},
                                   {"scalar-2", "", nullptr, "scalar-2"},
                                   {"scalar-4", "", nullptr, "scalar-4"}};
-  const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads, calib.head_dim,
-                                                     pk, pv, f.Bool("per-head"));
-  VQKV_ASSIGN_OR_RETURN(kernels::Codebook paper_cb, kernels::TruncateCodebook(full, paper_cfg));
-  cands.push_back({"rvq paper split", absl::StrCat("paper: ", SplitText(paper_cfg)),
-                   std::make_shared<const kernels::Codebook>(std::move(paper_cb)), "rvq"});
-  kernels::SplitErrors split_errors;
-  if (!budgets.empty()) {
-    ProgressBar sbar("split errors", int64_t{full_cfg.layers} * full_cfg.k[0].stages);
-    bo.progress = [&](int64_t d, int64_t, const std::string& w) { sbar.Update(d, w); };
-    VQKV_ASSIGN_OR_RETURN(split_errors, kernels::MeasureSplitErrors(full, calib, bo));
-    sbar.Finish();
-  }
-  for (double b : budgets) {
-    kernels::BudgetOptions ob = bo;
-    ob.bits_per_element = b;
-    VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice,
-                          kernels::ChooseSplitFromErrors(full_cfg, split_errors, ob));
-    VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, choice.config));
-    cands.push_back({absl::StrCat("rvq fit --bits ", b),
-                     absl::StrCat("chosen: ", SplitText(choice.config)),
-                     std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq"});
-  }
-  if (beam > 1) {
-    Candidate c = cands.back();
-    c.spec = absl::StrCat("rvq:beam=", beam);
-    cands.push_back(c);
+  // Every code space gets its own fit, paper split and `fit --bits` rows.
+  for (const std::string& space : code_spaces) {
+    kernels::FitOptions sfo = fo;
+    if (space != "none") {
+      if (synthetic) {
+        return absl::InvalidArgumentError("--code-spaces other than none need a model");
+      }
+      const kernels::CodeSpaceOptions cso =
+          CodeSpaceForModel(setup->model, absl::StrContains(space, "rope"),
+                            absl::StrContains(space, "kscale"), absl::StrContains(space, "vscale"),
+                            scale_exponent);
+      VQKV_ASSIGN_OR_RETURN(sfo.code_space, kernels::ComputeCodeSpace(fit_set, cso));
+    }
+    const std::string tag = space == "none" ? "" : absl::StrCat(" [", space, "]");
+    ProgressBar bar(absl::StrCat("fit", tag), steps);
+    sfo.progress = [&](int64_t d, int64_t, const std::string& w) { bar.Update(d, w); };
+    VQKV_ASSIGN_OR_RETURN(kernels::Codebook full, kernels::FitCodebook(full_cfg, fit_set, sfo));
+    bar.Finish(absl::StrCat("fitted ", full_cfg.ToString(), " on ", fit_set.tokens(0),
+                            " tokens, code space ", full.code_space().DebugString()));
+    const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads,
+                                                       calib.head_dim, pk, pv, f.Bool("per-head"));
+    VQKV_ASSIGN_OR_RETURN(kernels::Codebook paper_cb, kernels::TruncateCodebook(full, paper_cfg));
+    cands.push_back({absl::StrCat("rvq paper split", tag),
+                     absl::StrCat("paper: ", SplitText(paper_cfg)),
+                     std::make_shared<const kernels::Codebook>(std::move(paper_cb)), "rvq"});
+    kernels::SplitErrors split_errors;
+    if (!budgets.empty()) {
+      ProgressBar sbar(absl::StrCat("split errors", tag),
+                       int64_t{full_cfg.layers} * full_cfg.k[0].stages);
+      bo.progress = [&](int64_t d, int64_t, const std::string& w) { sbar.Update(d, w); };
+      VQKV_ASSIGN_OR_RETURN(split_errors, kernels::MeasureSplitErrors(full, choose_set, bo));
+      sbar.Finish();
+    }
+    for (double b : budgets) {
+      kernels::BudgetOptions ob = bo;
+      ob.bits_per_element = b;
+      VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice,
+                            kernels::ChooseSplitFromErrors(full_cfg, split_errors, ob));
+      std::fprintf(stderr, "fit --bits %g%s chose:\n%s", b, tag.c_str(), choice.table.c_str());
+      VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, choice.config));
+      cands.push_back({absl::StrCat("rvq fit --bits ", b, tag),
+                       absl::StrCat("chosen: ", SplitText(choice.config)),
+                       std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq"});
+    }
+    if (beam > 1) {
+      Candidate c = cands.back();
+      c.name += " beam";
+      c.spec = absl::StrCat("rvq:beam=", beam);
+      cands.push_back(c);
+    }
   }
 
   std::vector<eval::EvalRow> rows;
@@ -273,6 +319,9 @@ absl::Status Fidelity(const Flags& f) {
         if (contexts.size() > 1) row.context = contexts[ci];
       }
       row.split = cands[i].split;
+      if (cands[i].codebook) {
+        row.codec = absl::StrFormat("%s%s", synthetic ? "SYNTHETIC " : "", cands[i].name);
+      }
       rows.push_back(std::move(row));
       ebar.Update(
           int64_t(ci * cands.size() + i) + 1,
@@ -323,6 +372,9 @@ int RunFidelity(int argc, char** argv) {
            {"max-stages", "",
             "cap the stages fitted for the split chooser at K,V (e.g. 32,16; the paper split is "
             "always fitted); default: as many as the largest budget could use"},
+           {"split-holdout", "0.25",
+            "share of the calibration sequences held out of the fit for the split chooser (0: "
+            "choose on the fitting data, which favours stages that memorise it)"},
            {"split-queries", "0",
             "split chooser: at most this many query positions per calibration sequence (0: every "
             "4th)"},
@@ -344,16 +396,12 @@ int RunFidelity(int argc, char** argv) {
            {"sinks", "4", "leading tokens kept exact"},
            {"recent", "32", "most recent tokens kept exact"},
            {"per-head", "", "one codebook per KV head (default: shared by a layer's heads)", true},
-           {"key-rope", "",
-            "code keys before RoPE (rotated back by position with the model's frequencies), so "
-            "codebooks calibrated on short contexts hold at long ones",
-            true},
-           {"key-scale", "",
-            "weight key channels by the calibration queries' RMS (error measured as attention "
-            "logit error)",
-            true},
-           {"value-scale", "",
-            "weight value channels by the output projection's column norms", true},
+           {"code-spaces", "none",
+            "rvq code spaces to fit and compare, comma-separated: none, or rope (keys coded "
+            "before RoPE, so codebooks calibrated on short contexts hold at long ones), kscale "
+            "(key channels weighted by the calibration queries' RMS), vscale (value channels "
+            "weighted by the output projection's column norms) joined by '+', e.g. "
+            "none,rope,rope+kscale"},
            {"scale-exponent", "1", "channel weights are energy^(exponent/2)"},
            {"beam", "1", "> 1 adds the last rvq row again with beam search of this width"},
            {"markdown", "", "also write the table to this file"}});
