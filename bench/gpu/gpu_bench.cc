@@ -4,6 +4,8 @@
 //
 //   gpu_bench [--tokens=16384] [--decode_tokens=65536] [--scalar_tokens=65536]
 //             [--fit_tokens=65536] [--reps=10] [--block=64] [--skip=ceilings,encode,...]
+//             [--variant=0]   (encode tile configuration of the main encode rows, rvq_kernels.h)
+// --skip also takes "variants" (the encode tile-variant rows) and "exact" (the fp32 kernel row).
 //
 // Timing: CUDA events around each call (host-side descriptor building included), warm-up
 // first, median of --reps. Data are random (approximately normal with per-channel offsets),
@@ -65,6 +67,7 @@ cudaError_t DMalloc(T** p, size_t bytes) {
 struct Flags {
   int64_t tokens = 16384, decode_tokens = 65536, scalar_tokens = 65536, fit_tokens = 65536;
   int reps = 10, block = 64;
+  int variant = 0;  // encode tile configuration of the main encode rows (0: the default)
   std::string skip;
   bool Skip(const char* what) const { return skip.find(what) != std::string::npos; }
 };
@@ -89,6 +92,8 @@ Flags ParseFlags(int argc, char** argv) {
       f.reps = std::atoi(v);
     else if (const char* v = val("block"))
       f.block = std::atoi(v);
+    else if (const char* v = val("variant"))
+      f.variant = std::atoi(v);
     else if (const char* v = val("skip"))
       f.skip = v;
     else {
@@ -287,6 +292,7 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
     CK(DMalloc(&codes, size_t(ncodes) * 2));
     kc::GpuRvqOptions o;
     o.check_finite = false;
+    o.encode_variant = f.variant;
     const double ms = TimeMs([&] { CKS(kc::RvqEncodeCodes(dcb, b.blocks, codes, s, o)); },
                              tokens >= 8192 ? std::max(3, f.reps / 3) : f.reps, s);
     const double tps = tokens / (ms * 1e-3);
@@ -315,7 +321,7 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
              Fmt("%.2f%% of encode time", 100 * pms / ms));
       CK(cudaFree(body));
     }
-    if (tokens == f.tokens / 4) {
+    if (tokens == f.tokens / 4 && !f.Skip("variants")) {
       static const char* const kVariantInfo[] = {
           "",
           "mma.sync, 128-row tiles, 2 CTAs/SM, 2 n-tiles in flight, top-2 per lane",
@@ -324,8 +330,12 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
           "mma.sync default tiles (128 rows, 2 CTAs/SM, top-1 per lane)",
           "wgmma sm_90a, 128-row tiles, 2 CTAs/SM",
           "wgmma sm_90a, 256-row tiles, 1 CTA/SM",
-          "wgmma sm_90a, 128-row tiles, 2 CTAs/SM, split pipelined chunks"};
-      for (int variant = 1; variant <= 7; ++variant) {
+          "wgmma sm_90a, 128-row tiles, 2 CTAs/SM, split pipelined chunks",
+          "wgmma sm_90a, 128-row tiles, 2 CTAs/SM, MMA of the next chunk during the epilogue",
+          "wgmma sm_90a, 256-row tiles, 1 CTA/SM, MMA of the next chunk during the epilogue",
+          "as 8 with TMA chunk loads",
+          "as 9 with TMA chunk loads"};
+      for (int variant = 1; variant <= 11; ++variant) {
         const int rv = kc::RvqEncodeResolvedVariant(cfg.head_dim, variant);
         if (rv != variant) continue;  // not available here (e.g. no sm_90a)
         kc::GpuRvqOptions ov = o;
@@ -342,7 +352,7 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
                    (kc::RvqEncodeResolvedVariant(cfg.head_dim, 0) == variant ? " (default)" : ""));
       }
     }
-    if (tokens == 1024) {
+    if (tokens == 1024 && !f.Skip("exact")) {
       kc::GpuRvqOptions ex = o;
       ex.tensor_cores = false;
       const double ems =

@@ -722,8 +722,8 @@ absl::Status EncodeBatch(const Codec& codec, absl::Span<const KvBlockView> block
   if (const auto* s = dynamic_cast<const CudaScalarCodec*>(&codec)) {
     return s->EncodeBatchImpl(blocks, out);
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("EncodeBatch: ", codec.Label(), " is not a GPU codec"));
+  // A CPU codec (what rvq-cuda returns for beam search or a codebook with a code space).
+  return codec.EncodeBatched(blocks, out);
 }
 
 absl::Status DecodeBatch(const Codec& codec, absl::Span<const std::string_view> payloads,
@@ -735,8 +735,7 @@ absl::Status DecodeBatch(const Codec& codec, absl::Span<const std::string_view> 
   if (const auto* s = dynamic_cast<const CudaScalarCodec*>(&codec)) {
     return s->DecodeBatchImpl(payloads, out_dtype, out, out_bytes);
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("DecodeBatch: ", codec.Label(), " is not a GPU codec"));
+  return codec.DecodeBatched(payloads, out_dtype, out, out_bytes);
 }
 
 }  // namespace vqkv::kernels::cuda

@@ -9,8 +9,9 @@
 // Device-resident data should use gpu_rvq.h / gpu_scalar.h directly.
 //
 // The codecs use the device that was current when they were created. Creating one without a
-// usable device fails with FailedPrecondition. rvq-cuda with beam > 1 returns the CPU rvq codec
-// (beam search runs on the CPU).
+// usable device fails with FailedPrecondition. rvq-cuda with beam > 1, or with a codebook that
+// has a code space (keys before RoPE, channel scales: kernels/codebook.h), returns the CPU rvq
+// codec; EncodeBatch/DecodeBatch then run that codec's own batched path.
 // Thread-safety: immutable after creation; Encode/Decode may be called concurrently (each call
 // uses its own stream and scratch).
 #pragma once

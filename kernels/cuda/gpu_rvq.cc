@@ -109,6 +109,18 @@ absl::Status RvqEncodeCodes(const DeviceCodebook& cb, absl::Span<const DeviceKvB
     VQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(flag, 0, sizeof(int32_t), stream),
                               "rvq encode: clear flag");
   }
+  // One view of every table's fp16 codewords (rows of D) for the TMA encode configurations.
+  const uint16_t* cb16_lo = nullptr;
+  const uint16_t* cb16_hi = nullptr;
+  for (const RvqDeviceTable& t : cb.host_tables()) {
+    const uint16_t* end = t.cb16 + int64_t(t.stages) * t.size_pad * D;
+    if (cb16_lo == nullptr || t.cb16 < cb16_lo) cb16_lo = t.cb16;
+    if (cb16_hi == nullptr || end > cb16_hi) cb16_hi = end;
+  }
+  for (const RvqDeviceTable& t : cb.host_tables()) {
+    if ((t.cb16 - cb16_lo) % D != 0) cb16_lo = nullptr;  // not whole rows: no tensor view
+    if (cb16_lo == nullptr) break;
+  }
   std::vector<int64_t> code_base(blocks.size() + 1, 0);
   for (size_t b = 0; b < blocks.size(); ++b) {
     code_base[b + 1] = code_base[b] + int64_t(blocks[b].shape.tokens - blocks[b].sinks) *
@@ -175,6 +187,10 @@ absl::Status RvqEncodeCodes(const DeviceCodebook& cb, absl::Span<const DeviceKvB
     p.codes = codes;
     p.error_flag = flag;
     p.variant = opts.encode_variant;
+    if (cb16_lo != nullptr) {
+      p.cb16_base = cb16_lo;
+      p.cb16_rows = (cb16_hi - cb16_lo) / D;
+    }
     VQKV_CUDA_RETURN_IF_ERROR(tc ? LaunchRvqEncode(p, stream) : LaunchRvqEncodeExact(p, stream),
                               "rvq encode kernel");
   }

@@ -568,16 +568,22 @@ bool Sm90Usable(int dim) {
 #endif
 }
 
+// The wgmma configuration variant 0 runs on sm_90 (see rvq_kernels.h): 128-row tiles, MMAs of
+// the next chunk during each chunk's epilogue, TMA chunk loads (8 where the tables have no
+// tensor-map view).
+constexpr int kSm90Default = 10;
+
 // Variant actually run for (dim, variant): 0 is the fastest measured configuration available
-// (wgmma 128-row tiles on sm_90, else the mma.sync default); unsupported variants fall back to 0.
+// (a wgmma configuration on sm_90, else the mma.sync default); unsupported variants fall back
+// to 0.
 int ResolveVariant(int dim, int variant) {
-  if (variant >= 5 && variant <= 7) {
+  if (variant >= 5 && variant <= 11) {
     if (Sm90Usable(dim)) return variant;
     variant = 0;
   }
   if (variant >= 1 && variant <= 3 && dim != 128) variant = 0;
-  if (variant < 0 || variant > 7) variant = 0;
-  if (variant == 0) return Sm90Usable(dim) ? 5 : 4;
+  if (variant < 0 || variant > 11) variant = 0;
+  if (variant == 0) return Sm90Usable(dim) ? kSm90Default : 4;
   return variant;
 }
 
@@ -591,7 +597,7 @@ bool RvqEncodeVariantSupported(int dim, int variant) {
   if (!RvqEncodeHasTensorCorePath(dim)) return false;
   if (variant == 0 || variant == 4) return true;
   if (variant >= 1 && variant <= 3) return dim == 128;
-  if (variant >= 5 && variant <= 7) return Sm90Usable(dim);
+  if (variant >= 5 && variant <= 11) return Sm90Usable(dim);
   return false;
 }
 
@@ -613,6 +619,10 @@ int RvqEncodeTileRows(int dim, int variant) {
     case 5:
     case 6:
     case 7:
+    case 8:
+    case 9:
+    case 10:
+    case 11:
       return RvqEncodeSm90TileRows(dim, v);
 #endif
     default:
@@ -666,6 +676,10 @@ cudaError_t LaunchRvqEncode(const RvqEncodeParams& p, cudaStream_t stream) {
     case 5:
     case 6:
     case 7:
+    case 8:
+    case 9:
+    case 10:
+    case 11:
       return LaunchRvqEncodeSm90(p, ResolveVariant(p.dim, p.variant), stream);
 #endif
     default:

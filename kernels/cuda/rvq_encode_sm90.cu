@@ -16,7 +16,14 @@
 //   At a stage's end each warp merges its rows' candidates by shuffles (the best two of 8 lane
 //   classes), rescores those two exactly in fp32 against cb32, updates its own rows' residuals and
 //   writes the codes: no CTA-wide barrier per stage, only one per chunk for the ring.
+// Two kernels: RvqEncodeWgmmaKernel (variants 5-7: MMAs of a chunk, then its epilogue) and
+// RvqEncodeWgmmaPipeKernel (variants 8-11, 10 the default: two accumulator sets per warpgroup, so
+// that the next chunk's MMAs run during this chunk's epilogue; accumulators start from the score
+// offsets; 10/11 load the chunks with TMA). See the comment above PipeCfg.
+#include <cuda.h>
+
 #include <cfloat>
+#include <type_traits>
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/rvq_kernels.h"
@@ -45,6 +52,8 @@ struct Sm90Cfg {
   // SPLIT: each chunk as two n32 halves, pipelined so that one half's MMAs always run while the
   // warpgroup works on the previous half's scores (same 32 accumulator registers).
   static constexpr bool kSplit = SPLIT_;
+  static constexpr bool kPipe = false;
+  static constexpr bool kTma = false;
   static constexpr int kAhead = SPLIT_ ? NBUF_ - 2 : NBUF_ - 1;  // chunks prefetched
   static constexpr int kCbBytes = kBN * D_ * 2;                  // one chunk
   static constexpr size_t kCbufBytes = size_t(NBUF_) * kCbBytes;
@@ -566,29 +575,675 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
   CpAsyncWait<0>();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Variants 8-11: the same algorithm with each warpgroup's MMAs and epilogue overlapped.
+// Two accumulator sets per warpgroup: while the tensor cores compute chunk k+1 into one, the
+// warps reduce chunk k from the other (a chunk's ring slots are refilled once every warpgroup's
+// MMAs on it completed: one CTA barrier per chunk remains). Fewer instructions per chunk:
+//  - the accumulators are loaded with the chunk's score offsets -scale^2 |c|^2 / 2 before the
+//    MMAs (as the mma.sync kernel does), so the epilogue adds nothing;
+//  - the epilogue writes a 6-bit in-chunk index into each score with one LOP3 (the index bits
+//    of an accumulator register are compile-time constants, marker bits select them) and
+//    merges the chunk's four maxima into the running maxima with the chunk's index bits; the
+//    packed keys at a stage's end are the same as in variants 5-7 (full index, reversed, in the
+//    low log2(size_pad) bits), except that candidates within one chunk are compared on their
+//    finer unpacked value;
+//  - wgmma descriptors are one add from a per-CTA base;
+//  - variants 10/11: one thread loads each chunk with two TMA boxes (the copy engine writes the
+//    128-byte swizzle) and its offsets with a bulk copy, completing on the slot's mbarrier;
+//    variants 8/9: every thread issues cp.async pieces with immediate offsets.
+// At a stage's end (templated on the last stage, which also writes the aux outputs) the owner
+// lanes decode each row's two candidates once (codeword byte offsets) and load their norms, the
+// rescore's codeword loads for the next batch of rows are issued before the current batch's
+// arithmetic, the 16 codes of a warp are written by one store, and the A fragments are rebuilt
+// with saturating fp16x2 conversions.
+template <int D_, int WGS_, int NBUF_, int MINB_, int R_, bool TMA_ = false>
+struct PipeCfg {
+  static constexpr int kD = D_;
+  static constexpr int kBM = WGS_ * 64;
+  static constexpr int kBN = kRvqChunk;
+  static constexpr int kNBUF = NBUF_;  // B ring (chunks)
+  // Score-offset ring, slot for slot with the B ring: a chunk's offsets are read (into the
+  // accumulators) before its MMAs, one step before its slots are refilled.
+  static constexpr int kNCI = NBUF_;
+  static constexpr int kMinBlocks = MINB_;
+  static constexpr int kThreads = WGS_ * 128;
+  static constexpr int kKS = D_ / 16;
+  static constexpr int kVW = D_ / 32;
+  static constexpr int kR = R_;
+  static constexpr bool kPipe = true;
+  // TMA: one thread loads each chunk with the tensor memory accelerator (128-byte swizzle done by
+  // the copy engine) and an mbarrier per ring slot; else every thread issues cp.async pieces.
+  static constexpr bool kTma = TMA_;
+  using Plain = PipeCfg<D_, WGS_, NBUF_, MINB_, R_, false>;
+  static constexpr int kCbBytes = kBN * D_ * 2;
+  static constexpr int kCbufBytes = NBUF_ * kCbBytes;
+  static constexpr int kResBytes = kBM * D_ * 4;
+  static constexpr int kCiFloats = kNCI * kBN;
+  // Shared memory: B ring | residuals | offsets ring | (TMA) one full-barrier per ring slot.
+  // 2 CTAs of variant 8/10 use all 228 KB of an SM (1 KB per CTA is reserved): keep it so.
+  static constexpr size_t kBarOffset = size_t(kCbufBytes) + kResBytes + kCiFloats * 4;
+  static constexpr size_t kSmem = kBarOffset + (TMA_ ? NBUF_ * 8 : 0);
+  static_assert(D_ % 64 == 0 && D_ <= 128, "wgmma path: head_dim 64 or 128");
+  static_assert(kBN == 64, "chunk of 64 codewords (one m64n64 accumulator)");
+  static_assert(16 % R_ == 0 && (R_ == 4 || R_ == 8), "rows per rescore batch");
+  static_assert(NBUF_ >= 3, "ring too short for two chunks in flight plus one landing");
+};
+// Variant 8: 128-row tiles, 2 CTAs per SM (registers and shared memory both at the limit).
+template <int D>
+using PipeSmall = PipeCfg<D, 2, (D == 128 ? 3 : 4), 2, (D == 128 ? 4 : 8)>;
+// Variant 9: 256-row tiles, 1 CTA per SM (half the L2 traffic per row), deeper ring.
+template <int D>
+using PipeBig = PipeCfg<D, 4, (D == 128 ? 5 : 6), 1, (D == 128 ? 4 : 8)>;
+// Variants 10 (the default on sm_90) and 11: 8 and 9 with the chunks loaded by TMA.
+template <int D>
+using PipeSmallTma = PipeCfg<D, 2, (D == 128 ? 3 : 4), 2, (D == 128 ? 4 : 8), true>;
+template <int D>
+using PipeBigTma = PipeCfg<D, 4, (D == 128 ? 5 : 6), 1, (D == 128 ? 4 : 8), true>;
+// 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
+static_assert(2 * (PipeSmallTma<128>::kSmem + 1024) <= 228 * 1024, "variant 10: 2 CTAs per SM");
+
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Box {64 elements, 64 rows} at (x, y) of a 2-D tensor map into shared memory at dst.
+__device__ __forceinline__ void TmaLoad2d(uint32_t dst, const CUtensorMap* map, int x, int y,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], "
+      "[%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void BulkLoad(uint32_t dst, const void* src, uint32_t bytes,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// fp16x2 of (lo, hi), saturated to +-65504 (the residuals are finite).
+__device__ __forceinline__ uint32_t Half2Sat(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// (a & ~(b | c)) | (b & c): with marker bits (b = 1 where c carries index bits, c = 1 where b
+// does) this writes 6 index bits into a's low bits in one LOP3.
+__device__ __forceinline__ uint32_t Lop98(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0x98;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
+    RvqEncodeWgmmaPipeKernel(const RvqEncodeParams p, const __grid_constant__ CUtensorMap tmap) {
+  constexpr int D = C::kD;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned char* cbuf = smem;
+  float* res = reinterpret_cast<float*>(smem + C::kCbufBytes);
+  float* cibuf = reinterpret_cast<float*>(smem + C::kCbufBytes + C::kResBytes);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  const int wrow = warp * 16;
+
+  const RvqTile tile = p.tiles[blockIdx.x];
+  const RvqDeviceTable tab = p.tables[tile.table];
+  const uint32_t idx_mask = static_cast<uint32_t>(tab.size_pad - 1);
+  const uint32_t hi_mask = idx_mask & ~63u;  // index bits above the in-chunk 6
+  const uint32_t cb_base = SmemAddr(cbuf);
+  if ((cb_base & 1023u) != 0) __trap();
+
+  // ---- copy issue: chunk after chunk of cb16 / cinit into the rings ----
+  constexpr int kVecPerRow = D / 8;
+  constexpr int kRowsPerPass = C::kThreads / kVecPerRow;
+  constexpr int kPasses = C::kBN / kRowsPerPass;
+  static_assert(C::kThreads % kVecPerRow == 0 && kRowsPerPass % 8 == 0 && kPasses >= 1 &&
+                    C::kBN % kRowsPerPass == 0,
+                "copy passes must keep the swizzle phase");
+  static_assert(kPasses == 1 || kPasses == 2 || kPasses == 4, "copy passes");
+  const int cp_n = tid / kVecPerRow, cp_v = tid % kVecPerRow;
+  const uint32_t cp_dst =
+      cb_base + (cp_v >> 3) * (C::kBN * 128) + cp_n * 128 + (((cp_v & 7) ^ (cp_n & 7)) << 4);
+  const char* cp_src = reinterpret_cast<const char*>(tab.cb16 + cp_n * D + cp_v * 8);
+  const bool ci_thread = tid < C::kBN / 4;
+  const uint32_t ci_dst = SmemAddr(cibuf) + (C::kTma ? 0 : tid * 16);
+  const char* ci_src = reinterpret_cast<const char*>(tab.cinit + (C::kTma ? 0 : tid * 4));
+  const uint32_t bar0 = SmemAddr(smem + C::kBarOffset);  // TMA: full barrier of slot b at +8b
+  // TMA: row of the table's first codeword in the tensor map (cb16 rows from p.cb16_base).
+  int tma_row = C::kTma ? static_cast<int>((tab.cb16 - p.cb16_base) / D) : 0;
+  int iss_left = tab.stages * (tab.size_pad / C::kBN);
+  uint32_t iss_b = 0, iss_c = 0;  // byte offsets of the next chunk's slots
+  int iss_buf = 0;
+  auto issue = [&]() {
+    if constexpr (C::kTma) {
+      // Thread 0 only.
+      if (iss_left > 0) {
+        const uint32_t bar = bar0 + 8 * iss_buf;
+        MbarExpectTx(bar, C::kCbBytes + C::kBN * 4);
+#pragma unroll
+        for (int pi = 0; pi < D / 64; ++pi) {
+          TmaLoad2d(cb_base + iss_b + pi * (C::kBN * 128), &tmap, pi * 64, tma_row, bar);
+        }
+        BulkLoad(ci_dst + iss_c, ci_src, C::kBN * 4, bar);
+        tma_row += C::kBN;
+        ci_src += C::kBN * 4;
+        --iss_left;
+        iss_b = iss_b + C::kCbBytes == C::kCbufBytes ? 0u : iss_b + C::kCbBytes;
+        iss_c = iss_c + C::kBN * 4 == C::kCiFloats * 4 ? 0u : iss_c + C::kBN * 4;
+        iss_buf = iss_buf + 1 == C::kNBUF ? 0 : iss_buf + 1;
+      }
+    } else {
+      if (iss_left > 0) {
+        // Pass i: rows + i * kRowsPerPass (immediate offsets on both addresses).
+        constexpr int kDs = kRowsPerPass * 128, kSs = kRowsPerPass * D * 2;
+        const uint32_t dst = cp_dst + iss_b;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(cp_src)
+                     : "memory");
+        if constexpr (kPasses > 1) {
+          asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;\n" ::"r"(dst), "l"(cp_src),
+                       "n"(kDs), "n"(kSs)
+                       : "memory");
+        }
+        if constexpr (kPasses > 2) {
+          asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;\n" ::"r"(dst), "l"(cp_src),
+                       "n"(2 * kDs), "n"(2 * kSs)
+                       : "memory");
+          asm volatile("cp.async.cg.shared.global [%0+%2], [%1+%3], 16;\n" ::"r"(dst), "l"(cp_src),
+                       "n"(3 * kDs), "n"(3 * kSs)
+                       : "memory");
+        }
+        if (ci_thread) {
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(ci_dst + iss_c),
+                       "l"(ci_src)
+                       : "memory");
+        }
+        cp_src += C::kCbBytes;
+        ci_src += C::kBN * 4;
+        --iss_left;
+        iss_b = iss_b + C::kCbBytes == C::kCbufBytes ? 0u : iss_b + C::kCbBytes;
+        iss_c = iss_c + C::kBN * 4 == C::kCiFloats * 4 ? 0u : iss_c + C::kBN * 4;
+      }
+      CpAsyncCommit();
+    }
+  };
+  if constexpr (C::kTma) {
+    if (tid == 0) {
+#pragma unroll
+      for (int b = 0; b < C::kNBUF; ++b) MbarInit(bar0 + 8 * b, 1);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+      FenceProxyAsync();
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap))
+                   : "memory");
+#pragma unroll
+      for (int i = 0; i < C::kNBUF; ++i) issue();
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < C::kNBUF; ++i) issue();
+  }
+
+  // ---- rows: (segment, row, code base) of warp row lane & 15; fp32 residuals in smem ----
+  const int my_row = wrow + (lane & 15);
+  const bool my_valid = my_row < tile.rows;
+  int my_seg = -1, my_r = 0;
+  int64_t my_code = 0;
+  if (my_valid) {
+    int s = tile.segment;
+    int r = tile.row + my_row;
+    while (r >= p.segments[s].rows) {
+      r -= p.segments[s].rows;
+      ++s;
+    }
+    my_seg = s;
+    my_r = r;
+    my_code = p.segments[s].code_offset + int64_t(r) * p.segments[s].code_row_stride;
+  }
+  bool bad = false;
+  for (int i = 0; i < 16; ++i) {
+    const int row = wrow + i;
+    const int seg = __shfl_sync(0xffffffffu, my_seg, i);
+    const int r = __shfl_sync(0xffffffffu, my_r, i);
+    if (seg < 0) {
+      for (int d = lane; d < D; d += 32) res[ResIdx<D>(row, d)] = 0.f;
+      continue;
+    }
+    const RvqSegment& sg = p.segments[seg];
+    const int64_t base = int64_t(r) * sg.in_row_stride;
+    for (int d = lane; d < D; d += 32) {
+      float v = LoadElem(sg.in, base + d, p.in_type);
+      if (!isfinite(v)) {
+        bad = true;
+        v = 0.f;
+      }
+      res[ResIdx<D>(row, d)] = v;
+    }
+  }
+  if (bad && p.error_flag != nullptr) *p.error_flag = 1;
+  __syncwarp();
+
+  uint32_t a[C::kKS][4];
+  auto build_a = [&](int stage) {
+    const float sc = tab.scale[stage];
+    const int r0 = wrow + g, r1 = r0 + 8;
+#pragma unroll
+    for (int ks = 0; ks < C::kKS; ++ks) {
+      const int k0 = ks * 16 + 2 * q;
+      const float2 v00 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r0, k0));
+      const float2 v10 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r1, k0));
+      const float2 v01 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r0, k0 + 8));
+      const float2 v11 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r1, k0 + 8));
+      a[ks][0] = Half2Sat(sc * v00.x, sc * v00.y);
+      a[ks][1] = Half2Sat(sc * v10.x, sc * v10.y);
+      a[ks][2] = Half2Sat(sc * v01.x, sc * v01.y);
+      a[ks][3] = Half2Sat(sc * v11.x, sc * v11.y);
+    }
+  };
+  build_a(0);
+
+  // wgmma B descriptors: low word = (address >> 4) | LBO 16 B; high word: SBO 1024 B, 128B swizzle.
+  const uint32_t desc_lo0 = ((cb_base & 0x3FFFFu) >> 4) | (1u << 16);
+  // acc starts from the chunk's score offsets (ci_init), so every k step accumulates.
+  auto mma = [&](float(&acc)[32], uint32_t boff) {
+    const uint32_t lo = desc_lo0 + (boff >> 4);
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < C::kKS; ++ks) {
+      const uint64_t desc =
+          (uint64_t(0x40000040u) << 32) | (lo + (ks >> 2) * (C::kBN * 128 / 16) + (ks & 3) * 2);
+      Wgmma64x64<false>(acc, a[ks], desc);
+    }
+    WgmmaCommit();
+  };
+  // Accumulator (row g | g + 8, column 8j + 2q + parity) := offset of that column.
+  // Loaded twice (rows g and g + 8) rather than copied: loads straight into the accumulators.
+  auto ci_init = [&](float(&acc)[32], const float* csm) {
+    const uint32_t a0 = SmemAddr(csm + 2 * q);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        asm volatile("ld.volatile.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(acc[4 * j + 2 * h]), "=f"(acc[4 * j + 2 * h + 1])
+                     : "r"(a0 + 32 * j));
+      }
+    }
+  };
+
+  // In-chunk index bits (reversed: 63 - column): bits 1-2 from q (a register, markers at bits 0
+  // and 3-5), bits 0 and 3-5 from the accumulator position (immediates, markers at bits 1-2).
+  const uint32_t qbits = 0x39u | (static_cast<uint32_t>(3 - q) << 1);
+  float m[4];
+  auto epilogue = [&](const float(&acc)[32], int col0) {
+    float mc[4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t ce = 0x06u | (static_cast<uint32_t>(7 - j) << 3) | 1u;  // even column
+      const uint32_t co = 0x06u | (static_cast<uint32_t>(7 - j) << 3);       // odd column
+      const float k0 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 0]), qbits, ce));
+      const float k1 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 1]), qbits, co));
+      const float k2 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 2]), qbits, ce));
+      const float k3 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 3]), qbits, co));
+      if (j == 0) {
+        mc[0] = k0;
+        mc[1] = k1;
+        mc[2] = k2;
+        mc[3] = k3;
+      } else {
+        mc[0] = fmaxf(mc[0], k0);
+        mc[1] = fmaxf(mc[1], k1);
+        mc[2] = fmaxf(mc[2], k2);
+        mc[3] = fmaxf(mc[3], k3);
+      }
+    }
+    const uint32_t cbits = (idx_mask ^ static_cast<uint32_t>(col0)) & hi_mask;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      m[i] = fmaxf(m[i], __uint_as_float((__float_as_uint(mc[i]) & ~hi_mask) | cbits));
+    }
+  };
+
+  float acc0[32], acc1[32];
+  int buf = 0;         // ring slot of the current chunk
+  uint32_t phase = 0;  // TMA: bit b = parity of slot b's next completion
+  int c_cur = 0;       // float offset of the current chunk's score offsets
+  int col0 = 0;        // its first column within the stage
+  // Waits until the chunk in ring slot b has landed (TMA: on its barrier; cp.async: the caller
+  // waits on its own groups and the CTA barrier publishes them).
+  auto wait_tma = [&](int b) {
+    if constexpr (C::kTma) {
+      MbarWait(bar0 + 8 * b, (phase >> b) & 1u);
+      phase ^= 1u << b;
+    }
+  };
+  // One chunk: MMAs of chunk k (into cur) complete; after the barrier the next chunk's MMAs go
+  // into nxt while the warps reduce cur.
+  auto step = [&](float(&cur)[32], float(&nxt)[32], auto next_tag) {
+    constexpr bool kNext = decltype(next_tag)::value;
+    WgmmaWait<0>();
+#pragma unroll
+    for (int i = 0; i < 32; ++i) FenceReg(cur[i]);
+    if constexpr (!C::kTma) {
+      CpAsyncWait<C::kNBUF - 2>();  // this thread's copies of chunk k+1 landed
+      FenceProxyAsync();
+    }
+    __syncthreads();  // chunk k's slots free in every warpgroup (cp.async: chunk k+1 visible)
+    const int b_next = buf + 1 == C::kNBUF ? 0 : buf + 1;
+    const int c_next = c_cur + C::kBN == C::kCiFloats ? 0 : c_cur + C::kBN;
+    if constexpr (C::kTma) {
+      if (tid == 0) issue();  // chunk k + NBUF into chunk k's slots
+    }
+    if constexpr (kNext) {
+      wait_tma(b_next);
+      ci_init(nxt, cibuf + c_next);
+      mma(nxt, b_next * C::kCbBytes);
+    }
+    if constexpr (!C::kTma) {
+      issue();  // chunk k + NBUF into chunk k's slots
+    }
+    // The epilogue stays after the MMA issue (no hoisting above it).
+#pragma unroll
+    for (int i = 0; i < 32; ++i) FenceReg(cur[i]);
+    epilogue(cur, col0);
+    buf = b_next;
+    c_cur = c_next;
+    col0 += C::kBN;
+  };
+
+  using V = typename std::conditional<C::kVW == 4, float4, float2>::type;
+  constexpr int kShift = C::kR == 4 ? 3 : 2;  // lane l ends up with batch row l >> kShift
+  constexpr int kNB = 16 / C::kR;             // rescore batches per warp
+  // At a stage's end (per warp, no CTA barrier): the best two candidates of each row, rescored
+  // exactly in fp32; residuals updated, codes written. kLast: also |r|^2 and the aux outputs.
+  // Rows past the tile carry codeword 0 along (their residuals stay finite and are never stored).
+  auto stage_end = [&](int stage, auto last_tag) {
+    constexpr bool kLast = decltype(last_tag)::value;
+    const int myrow = lane >> kShift;
+    float c1[2], c2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      c1[h] = fmaxf(m[2 * h], m[2 * h + 1]);
+      c2[h] = fminf(m[2 * h], m[2 * h + 1]);
+#pragma unroll
+      for (int o = 1; o <= 2; o <<= 1) {
+        const float o1 = __shfl_xor_sync(0xffffffffu, c1[h], o);
+        const float o2 = __shfl_xor_sync(0xffffffffu, c2[h], o);
+        Top2Merge(c1[h], c2[h], o1, o2);
+      }
+    }
+    const char* cb32 =
+        reinterpret_cast<const char*>(tab.cb32 + int64_t(stage) * tab.size * D) + lane * sizeof(V);
+    const float* norms = tab.norms + int64_t(stage) * tab.size;
+    // Rows wrow + g (h = 0) and wrow + g + 8 (h = 1): candidates j1, j2 as byte offsets of their
+    // codewords (j2 == j1 when there is no second one; rows past the tile and impossible indices
+    // read codeword 0) and their norms.
+    uint32_t o1[2], o2[2];
+    float n1[2], n2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const bool valid = wrow + g + 8 * h < tile.rows;
+      uint32_t j1 = (__float_as_uint(c1[h]) & idx_mask) ^ idx_mask;
+      uint32_t j2 = (__float_as_uint(c2[h]) & idx_mask) ^ idx_mask;
+      if (!valid || j1 >= static_cast<uint32_t>(tab.size)) j1 = 0;
+      if (!valid || j2 >= static_cast<uint32_t>(tab.size)) j2 = j1;
+      o1[h] = j1 * (D * 4);
+      o2[h] = j2 * (D * 4);
+      n1[h] = __ldg(norms + j1);
+      n2[h] = __ldg(norms + j2);
+    }
+    V v1[2][C::kR], v2[2][C::kR];
+    uint32_t win = 0;  // lanes 0-15: the code of warp row lane
+    auto load = [&](int i0, V(&w1)[C::kR], V(&w2)[C::kR]) {
+#pragma unroll
+      for (int r = 0; r < C::kR; ++r) {
+        const int i = i0 + r;
+        const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
+        const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
+        w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
+        w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
+      }
+    };
+    load(0, v1[0], v2[0]);
+#pragma unroll
+    for (int b = 0; b < kNB; ++b) {
+      const int i0 = b * C::kR;
+      if (b + 1 < kNB) load(i0 + C::kR, v1[(b + 1) & 1], v2[(b + 1) & 1]);
+      const V(&w1)[C::kR] = v1[b & 1];
+      const V(&w2)[C::kR] = v2[b & 1];
+      V rv[C::kR];
+      float s1[C::kR], s2[C::kR], sr[C::kR];
+#pragma unroll
+      for (int r = 0; r < C::kR; ++r) {
+        rv[r] = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i0 + r, lane * C::kVW));
+        // Same operation order as variants 5-7 (fma from +0, then the reduce-scatter tree).
+        s1[r] = fmaf(rv[r].x, w1[r].x, 0.f);
+        s1[r] = fmaf(rv[r].y, w1[r].y, s1[r]);
+        s2[r] = fmaf(rv[r].x, w2[r].x, 0.f);
+        s2[r] = fmaf(rv[r].y, w2[r].y, s2[r]);
+        if constexpr (kLast) {
+          sr[r] = fmaf(rv[r].x, rv[r].x, 0.f);
+          sr[r] = fmaf(rv[r].y, rv[r].y, sr[r]);
+        }
+        if constexpr (C::kVW == 4) {
+          s1[r] = fmaf(rv[r].z, w1[r].z, s1[r]);
+          s1[r] = fmaf(rv[r].w, w1[r].w, s1[r]);
+          s2[r] = fmaf(rv[r].z, w2[r].z, s2[r]);
+          s2[r] = fmaf(rv[r].w, w2[r].w, s2[r]);
+          if constexpr (kLast) {
+            sr[r] = fmaf(rv[r].z, rv[r].z, sr[r]);
+            sr[r] = fmaf(rv[r].w, rv[r].w, sr[r]);
+          }
+        }
+      }
+      const float p1 = ReduceScatter<C::kR>(s1, lane);
+      const float p2 = ReduceScatter<C::kR>(s2, lane);
+      const int mi = i0 + myrow;  // this lane's batch row (warp row)
+      const int src = (mi & 7) * 4;
+      const uint32_t mo1 = __shfl_sync(0xffffffffu, o1[i0 >> 3], src);
+      const uint32_t mo2 = __shfl_sync(0xffffffffu, o2[i0 >> 3], src);
+      const float nn1 = __shfl_sync(0xffffffffu, n1[i0 >> 3], src);
+      const float nn2 = __shfl_sync(0xffffffffu, n2[i0 >> 3], src);
+      const float d1 = nn1 - 2.f * p1;
+      const float d2 = nn2 - 2.f * p2;
+      // Byte offsets order as indices: ties to the lower index.
+      const bool take2 = mo2 != mo1 && (d2 < d1 || (d2 == d1 && mo2 < mo1));
+      const uint32_t take2_mask = __ballot_sync(0xffffffffu, take2);
+      const uint32_t mwin = (take2 ? mo2 : mo1) / (D * 4);
+      // Lane l (l in [i0, i0 + R)) takes row l's code from that row's leader lane.
+      const uint32_t w = __shfl_sync(0xffffffffu, mwin, ((lane - i0) & (C::kR - 1)) << kShift);
+      if (lane >= i0 && lane < i0 + C::kR) win = w;
+      if constexpr (kLast) {
+        const float pr = ReduceScatter<C::kR>(sr, lane);
+        const int seg = __shfl_sync(0xffffffffu, my_seg, mi);
+        const int srow = __shfl_sync(0xffffffffu, my_r, mi);
+        const bool leader = (lane & ((1 << kShift) - 1)) == 0;
+        if (leader && wrow + mi < tile.rows && p.dist_out != nullptr) {
+          const RvqSegment& sg = p.segments[seg];
+          if (sg.aux_offset >= 0) {
+            p.dist_out[sg.aux_offset + srow] = fmaxf(0.f, (take2 ? d2 : d1) + pr);
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < C::kR; ++r) {
+        const int i = i0 + r;
+        const bool t2 = (take2_mask >> (r << kShift)) & 1u;
+        const V c = t2 ? w2[r] : w1[r];
+        V nr = rv[r];
+        nr.x -= c.x;
+        nr.y -= c.y;
+        if constexpr (C::kVW == 4) {
+          nr.z -= c.z;
+          nr.w -= c.w;
+        }
+        *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
+        if constexpr (kLast) {
+          const int seg = __shfl_sync(0xffffffffu, my_seg, i);
+          const int srow = __shfl_sync(0xffffffffu, my_r, i);
+          if (wrow + i < tile.rows && p.residual_out != nullptr) {
+            const RvqSegment& sg = p.segments[seg];
+            if (sg.aux_offset >= 0) {
+              reinterpret_cast<V*>(p.residual_out + (sg.aux_offset + srow) * D)[lane] = nr;
+            }
+          }
+        }
+      }
+    }
+    if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
+  };
+
+  if constexpr (C::kTma) {
+    __syncthreads();  // barriers initialized
+  } else {
+    CpAsyncWait<C::kNBUF - 1>();
+    FenceProxyAsync();
+    __syncthreads();
+  }
+  const int nchunks = tab.size_pad / C::kBN;
+  for (int stage = 0;;) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) m[i] = -FLT_MAX;
+    col0 = 0;
+    wait_tma(buf);  // TMA: the stage's first chunk (the last step of a stage waits for none)
+    ci_init(acc0, cibuf + c_cur);
+    mma(acc0, buf * C::kCbBytes);
+    for (int c = 0;; c += 2) {
+      if (c + 1 < nchunks) {
+        step(acc0, acc1, std::true_type{});
+      } else {
+        step(acc0, acc1, std::false_type{});
+        break;
+      }
+      if (c + 2 < nchunks) {
+        step(acc1, acc0, std::true_type{});
+      } else {
+        step(acc1, acc0, std::false_type{});
+        break;
+      }
+    }
+
+    // ---- end of a stage (per warp): best two candidates per row, exact rescore, update ----
+    const bool last = stage == tab.stages - 1;
+    if (last) {
+      stage_end(stage, std::true_type{});
+    } else {
+      stage_end(stage, std::false_type{});
+    }
+    __syncwarp();
+    if (last) break;
+    ++stage;
+    build_a(stage);
+  }
+  if constexpr (!C::kTma) CpAsyncWait<0>();
+}
+
+template <class C>
+constexpr auto KernelOf() {
+  if constexpr (C::kPipe) {
+    return RvqEncodeWgmmaPipeKernel<C>;
+  } else {
+    return RvqEncodeWgmmaKernel<C>;
+  }
+}
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled through the runtime (no link against libcuda); null if unavailable.
+EncodeTiledFn GetEncodeTiled() {
+  static const EncodeTiledFn fn = []() -> EncodeTiledFn {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      return nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// Every table's cb16 as one fp16 tensor [cb16_rows][dim] from cb16_base; boxes of 64 codewords
+// x 64 elements (128 bytes) written with the 128-byte swizzle the wgmma descriptors expect.
+bool MakeCb16Map(const RvqEncodeParams& p, CUtensorMap* map) {
+  if (p.cb16_base == nullptr || p.cb16_rows <= 0 || p.cb16_rows >= (int64_t{1} << 31)) {
+    return false;
+  }
+  if ((reinterpret_cast<uintptr_t>(p.cb16_base) & 15u) != 0) return false;
+  const EncodeTiledFn fn = GetEncodeTiled();
+  if (fn == nullptr) return false;
+  const cuuint64_t dims[2] = {cuuint64_t(p.dim), cuuint64_t(p.cb16_rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(p.dim) * 2};
+  const cuuint32_t box[2] = {64, 64};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return fn(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<uint16_t*>(p.cb16_base), dims,
+            strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <class C>
 cudaError_t Launch(const RvqEncodeParams& p, cudaStream_t stream) {
-  cudaError_t e = cudaFuncSetAttribute(RvqEncodeWgmmaKernel<C>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem));
+  if constexpr (C::kPipe && C::kTma) {
+    // Without the one-tensor view of the tables (e.g. the k-means fit's scratch tables), the
+    // same tiles with cp.async copies.
+    CUtensorMap map;
+    if (!MakeCb16Map(p, &map)) return Launch<typename C::Plain>(p, stream);
+  }
+  constexpr auto kernel = KernelOf<C>();
+  cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem));
   if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(RvqEncodeWgmmaKernel<C>, cudaFuncAttributePreferredSharedMemoryCarveout,
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                            int(cudaSharedmemCarveoutMaxShared));
   if (e != cudaSuccess) return e;
-  RvqEncodeWgmmaKernel<C><<<p.num_tiles, C::kThreads, C::kSmem, stream>>>(p);
+  if constexpr (C::kPipe) {
+    CUtensorMap map{};
+    if constexpr (C::kTma) MakeCb16Map(p, &map);
+    kernel<<<p.num_tiles, C::kThreads, C::kSmem, stream>>>(p, map);
+  } else {
+    kernel<<<p.num_tiles, C::kThreads, C::kSmem, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
 template <class C>
 int BlocksPerSm() {
-  if (cudaFuncSetAttribute(RvqEncodeWgmmaKernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           int(C::kSmem)) != cudaSuccess) {
+  constexpr auto kernel = KernelOf<C>();
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem)) !=
+      cudaSuccess) {
     return -1;
   }
-  cudaFuncSetAttribute(RvqEncodeWgmmaKernel<C>, cudaFuncAttributePreferredSharedMemoryCarveout,
+  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                        int(cudaSharedmemCarveoutMaxShared));
   int n = -1;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, RvqEncodeWgmmaKernel<C>, C::kThreads,
-                                                    C::kSmem) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, C::kThreads, C::kSmem) !=
+      cudaSuccess) {
     return -1;
   }
   return n;
@@ -597,37 +1252,49 @@ int BlocksPerSm() {
 }  // namespace
 
 // Internal to rvq_encode.cu (declared there). variant: 5 (128-row tiles), 6 (256-row tiles),
-// 7 (128-row tiles, split pipelined chunks).
+// 7 (128-row tiles, split pipelined chunks), 8 (128-row tiles, MMA/epilogue overlap),
+// 9 (256-row tiles, MMA/epilogue overlap), 10 / 11 (8 / 9 with TMA chunk loads).
 int RvqEncodeSm90TileRows(int dim, int variant) {
   (void)dim;
-  return variant == 6 ? Sm90Big<128>::kBM : Sm90Small<128>::kBM;
+  return variant == 6    ? Sm90Big<128>::kBM
+         : variant == 9  ? PipeBig<128>::kBM
+         : variant == 11 ? PipeBigTma<128>::kBM
+                         : Sm90Small<128>::kBM;
 }
 
+namespace {
+template <int D, class F>
+auto DispatchSm90(int variant, F&& f) {
+  switch (variant) {
+    case 6:
+      return f(static_cast<Sm90Big<D>*>(nullptr));
+    case 7:
+      return f(static_cast<Sm90Split<D>*>(nullptr));
+    case 8:
+      return f(static_cast<PipeSmall<D>*>(nullptr));
+    case 9:
+      return f(static_cast<PipeBig<D>*>(nullptr));
+    case 10:
+      return f(static_cast<PipeSmallTma<D>*>(nullptr));
+    case 11:
+      return f(static_cast<PipeBigTma<D>*>(nullptr));
+    default:
+      return f(static_cast<Sm90Small<D>*>(nullptr));
+  }
+}
+}  // namespace
+
 cudaError_t LaunchRvqEncodeSm90(const RvqEncodeParams& p, int variant, cudaStream_t stream) {
-  if (p.dim == 128) {
-    return variant == 6   ? Launch<Sm90Big<128>>(p, stream)
-           : variant == 7 ? Launch<Sm90Split<128>>(p, stream)
-                          : Launch<Sm90Small<128>>(p, stream);
-  }
-  if (p.dim == 64) {
-    return variant == 6   ? Launch<Sm90Big<64>>(p, stream)
-           : variant == 7 ? Launch<Sm90Split<64>>(p, stream)
-                          : Launch<Sm90Small<64>>(p, stream);
-  }
+  auto launch = [&](auto* cfg) { return Launch<std::remove_pointer_t<decltype(cfg)>>(p, stream); };
+  if (p.dim == 128) return DispatchSm90<128>(variant, launch);
+  if (p.dim == 64) return DispatchSm90<64>(variant, launch);
   return cudaErrorInvalidValue;
 }
 
 int RvqEncodeSm90BlocksPerSm(int dim, int variant) {
-  if (dim == 128) {
-    return variant == 6   ? BlocksPerSm<Sm90Big<128>>()
-           : variant == 7 ? BlocksPerSm<Sm90Split<128>>()
-                          : BlocksPerSm<Sm90Small<128>>();
-  }
-  if (dim == 64) {
-    return variant == 6   ? BlocksPerSm<Sm90Big<64>>()
-           : variant == 7 ? BlocksPerSm<Sm90Split<64>>()
-                          : BlocksPerSm<Sm90Small<64>>();
-  }
+  auto occ = [](auto* cfg) { return BlocksPerSm<std::remove_pointer_t<decltype(cfg)>>(); };
+  if (dim == 128) return DispatchSm90<128>(variant, occ);
+  if (dim == 64) return DispatchSm90<64>(variant, occ);
   return -1;
 }
 

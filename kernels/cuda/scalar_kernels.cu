@@ -2,27 +2,30 @@
 // same fp16 rounding of scale and zero, the same IEEE quotient and round-half-away-from-zero,
 // so codes are identical and dequantized values equal.
 //
-// Fast paths (16-byte aligned data, the usual head dims and groups):
-//  - K (groups of G tokens of one channel): one thread per (4 bytes of channels, group). Each
-//    token row is read as 4-byte vectors (a warp reads 128 contiguous bytes per row), up to 32
-//    rows are kept in registers, min/max run on packed half2/bf16x2 pairs; the codes of each
-//    channel are packed into whole words and stored. (8-byte rows need ~180 registers: one CTA
-//    per SM.) Dequantize: one thread per (16 bytes of channels, group), 16-byte row stores.
-//  - V (groups of Gv channels of one token, contiguous): one lane per 16 bytes, min/max by
-//    shuffles among the lanes of a group, lanes' codes merged into words by shuffles.
-// Other shapes run one thread per group (any group size, head dim and alignment).
+// Quantize, fast paths (fp16/bf16, groups of 32; see the section "fast quantize paths"):
+//  - K: one thread per (channel pair, group of 32 tokens), 32 rows of pairs in registers, the
+//    group's scale/zero made once per channel; taken when every block's K runs start on a word
+//    (tokens * bits % 32 == 0) and rows are 4-byte aligned.
+//  - V: one thread per 32-channel group (four 16-byte loads), when head_dim % 32 == 0 and the
+//    data is 16-byte aligned.
+//  Both store whole code words; per element the work is the code step (one fma and one floor
+//  for each of two floors, a funnel-shift pack) plus a share of the group's parameters.
+// Quantize, other shapes: K one thread per (4 bytes of channels, group), rows up to 32 in
+// registers (QuantizeKVec), or one thread per group (any group size, head dim and alignment);
+// V one lane per 16 bytes with shuffles among a group's lanes, or one thread per group.
+// Dequantize: K one thread per (16 bytes of channels, group), 16-byte row stores; V one lane per
+// 16 bytes; other shapes one thread per group.
 //
 // Codes: `round(x - zero) / scale` half away from zero = floor(y + 1/2); y is taken as a product
 // with 1/scale, floored twice (at y + 1/2 -/+ 1e-5, by adding 1.5 * 2^23 rounding down); the two
-// floors differ only within 1e-5 of a rounding boundary (or for NaN), where the word is redone
-// with the exact IEEE division. Runs of codes are written a word at a time: words entirely inside
-// a run are stored, words shared by two runs are merged with atomicAnd/atomicOr on the run's own
-// bits, so the body needs no zeroing; the stream's zero padding is written by the last run.
+// floors differ only within 1e-5 of a rounding boundary (or for NaN), where the code is redone
+// with the exact IEEE division (fast paths: only the undecided codes; others: the word). The
+// generic paths write runs of codes a word at a time: words entirely inside a run are stored,
+// words shared by two runs are merged with atomicAnd/atomicOr on the run's own bits, so the body
+// needs no zeroing; the stream's zero padding is written by the last run.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/scalar_kernels.h"
@@ -624,11 +627,14 @@ __global__ void __launch_bounds__(kThreads, 3) QuantizeV(const ScalarParams p) {
 // Clamping is dropped by checking the group's extremes: the floors are monotone in x, so when the
 // minimum's low floor and the maximum's high floor lie in [0, levels], every code does ("safe";
 // other groups are redone whole by FixCodes, which clamps). When |zero * inv| <= kFoldLimit for
-// every lane of a warp, the subtraction folds into the fma's addend, x * inv + (c - zero * inv):
-// the addend's rounding (<= 32.5 * 2^-24) plus the ~3.8e-6 of the unfolded form (rcp.approx,
-// the CPU's two roundings, |y| <= 15.5) stays below kTieEps, so the tie test still covers it.
+// every lane of a warp, the subtraction folds into the fma's addend, x * inv + (c - zero * inv).
+// Error budget of y against the CPU's fl(fl(x - zero) / scale), |y| <= 15.5 in a safe group:
+// rcp.approx and the CPU's two roundings 15.5 * 3 * 2^-24 (2.8e-6), the fma's rounding 2^-20
+// (1e-6), and with the fold the addend's rounding 32.5 * 2^-24 (1.9e-6) plus the CPU's rounding
+// of x - zero that the fold skips (1e-6 more): 6.7e-6 < kTieEps, so the tie test covers it.
 
 constexpr float kFoldLimit = 32.f;
+constexpr int kFastThreads = 128;  // small CTAs: a CTA's slot frees as soon as its 4 warps end
 constexpr float kLowAdd = 0.5f - kTieEps;
 constexpr float kHighAdd = 0.5f + kTieEps;
 constexpr uint32_t kMagicBits = 0x4B400000u;  // bits of kMagic
@@ -774,7 +780,8 @@ __device__ __forceinline__ void StoreWords(uint32_t* dst, const uint32_t (&w)[N]
   if constexpr (N % 2 == 0) {
     if (nw == N && a % 8 == 0) {
 #pragma unroll
-      for (int k = 0; k < N; k += 2) *reinterpret_cast<uint2*>(dst + k) = make_uint2(w[k], w[k + 1]);
+      for (int k = 0; k < N; k += 2)
+        *reinterpret_cast<uint2*>(dst + k) = make_uint2(w[k], w[k + 1]);
       return;
     }
   }
@@ -790,22 +797,21 @@ __device__ __forceinline__ void StoreWords(uint32_t* dst, const uint32_t (&w)[N]
 // Every block's code runs start on a word (tokens * bits % 32 == 0): words are stored whole.
 // in: [layers, 2, tokens, heads * dim] of T; grid (ceil(groups * pairs' / 256), blocks, layers).
 // kNq: pairs per row when known at compile time (rows then load at immediate offsets), else 0.
-template <typename T, int BITS, int kNq, int kCta = kThreads, int kMinCtas = 768 / kCta>
-__global__ void __launch_bounds__(kCta, kMinCtas) QuantizeK32(const ScalarParams p) {
+template <typename T, int BITS, int kNq>
+__global__ void __launch_bounds__(kFastThreads, 6) QuantizeK32(const ScalarParams p) {
   constexpr int kG = 32, kCpw = 32 / BITS;
   const ScalarBlock blk = p.blocks[blockIdx.y];
   const int t1 = blk.tokens - blk.sinks;
   if (t1 <= 0) return;
   const int nq = kNq > 0 ? kNq : p.heads * p.dim / 2, HD = 2 * nq, nkg = (t1 + kG - 1) / kG;
-  const unsigned i = blockIdx.x * kCta + threadIdx.x, rest = i >> 4, qhi = rest / nkg;
+  const unsigned i = blockIdx.x * kFastThreads + threadIdx.x, rest = i >> 4, qhi = rest / nkg;
   const int kg = static_cast<int>(rest - qhi * nkg), q_raw = static_cast<int>(qhi * 16 + (i & 15));
   const bool valid = q_raw < nq;
   if (!__any_sync(~0u, valid)) return;
   // Lanes past the end work on the last pair (the warp votes together) and store nothing.
   const int q = min(q_raw, nq - 1), c = 2 * q, t0 = kg * kG, n = min(kG, t1 - t0);
-  const T* x0 =
-      static_cast<const T*>(blk.in) + (int64_t(blockIdx.z) * 2 * blk.tokens + blk.sinks + t0) * HD +
-      c;
+  const T* x0 = static_cast<const T*>(blk.in) +
+                (int64_t(blockIdx.z) * 2 * blk.tokens + blk.sinks + t0) * HD + c;
   const uint32_t* xr = reinterpret_cast<const uint32_t*>(x0);
   typename Packed2<T>::type r[kG];
   if (n == kG) {
@@ -840,8 +846,8 @@ __global__ void __launch_bounds__(kCta, kMinCtas) QuantizeK32(const ScalarParams
   Arm<BITS>(cd[0], fold, lo[0], hi[0]);
   Arm<BITS>(cd[1], fold, lo[1], hi[1]);
   uint32_t w[2][BITS], diff[2][BITS];
-  const bool redo = fold ? CodePairs<BITS, true>(r, cd, w, diff)
-                         : CodePairs<BITS, false>(r, cd, w, diff);
+  const bool redo =
+      fold ? CodePairs<BITS, true>(r, cd, w, diff) : CodePairs<BITS, false>(r, cd, w, diff);
   const int nw = n / kCpw;  // whole words: n * BITS is a multiple of 32
   if (valid) {
     const int64_t col = int64_t(blockIdx.z) * HD + c;
@@ -873,14 +879,14 @@ __global__ void __launch_bounds__(kCta, kMinCtas) QuantizeK32(const ScalarParams
 // lanes on consecutive groups. Groups tile each row (dim % 32 == 0), so a layer's groups, params
 // and code words are in one order.
 constexpr int kVPer = 2;
-template <typename T, int BITS, int kCta = kThreads, int kMinCtas = 1024 / kCta>
-__global__ void __launch_bounds__(kCta, kMinCtas) QuantizeV32(const ScalarParams p) {
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kFastThreads, 8) QuantizeV32(const ScalarParams p) {
   constexpr int kG = 32;
   const ScalarBlock blk = p.blocks[blockIdx.y];
   const int t1 = blk.tokens - blk.sinks;
   if (t1 <= 0) return;
   const int HD = p.heads * p.dim, gpl = t1 * (HD / kG);  // groups per layer
-  const int g0 = (blockIdx.x * kCta + (threadIdx.x & ~31)) * kVPer + (threadIdx.x & 31);
+  const int g0 = (blockIdx.x * kFastThreads + (threadIdx.x & ~31)) * kVPer + (threadIdx.x & 31);
   if (!__any_sync(~0u, g0 < gpl)) return;
   const T* in =
       static_cast<const T*>(blk.in) + ((int64_t(blockIdx.z) * 2 + 1) * blk.tokens + blk.sinks) * HD;
@@ -924,8 +930,8 @@ __global__ void __launch_bounds__(kCta, kMinCtas) QuantizeV32(const ScalarParams
     Arm<BITS>(cd, fold, lo, hi);
     uint32_t w[BITS], diff[BITS];
     auto get = [&](int e) { return Lane(r[e >> 1], e & 1); };
-    const bool redo = fold ? CodeGroup<BITS, true>(get, cd, w, diff)
-                           : CodeGroup<BITS, false>(get, cd, w, diff);
+    const bool redo =
+        fold ? CodeGroup<BITS, true>(get, cd, w, diff) : CodeGroup<BITS, false>(get, cd, w, diff);
     if (valid) {
       bad = bad || !cd.g.ok;
       if (redo) {
@@ -1092,64 +1098,33 @@ int64_t VItems(const ScalarParams& p, int32_t max_tokens) {
 }
 
 template <typename T, int BITS>
-cudaError_t QuantizeVFast(const ScalarParams& p, int32_t max_tokens, cudaStream_t s, int variant) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  const int64_t groups = int64_t(max_tokens) * p.heads * p.dim / 32;
-  const int64_t threads = (groups + kVPer - 1) / kVPer;
-  if (p.dim % 32 != 0 || p.align < 16) return cudaErrorInvalidValue;
-  if (variant == 2) {
-    QuantizeV32<T, BITS, 64, 16><<<Grid(threads, p, 64), 64, 0, s>>>(p);
-  } else {
-    QuantizeV32<T, BITS, 128, 8><<<Grid(threads, p, 128), 128, 0, s>>>(p);
-  }
-  return cudaGetLastError();
-}
-
-template <typename T, int BITS>
 cudaError_t Quantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t s) {
   constexpr int kVec = 4 / sizeof(T);
   const int HD = p.heads * p.dim;
   const int64_t nkg = (max_tokens + p.group - 1) / p.group;
-  constexpr bool kPairs = sizeof(T) == 2;
-  const bool fast = kPairs && p.group == 32 && std::getenv("VQKV_SCALAR_LEGACY") == nullptr;
-  if constexpr (kPairs) {
-    if (fast && p.align >= 4 && HD % 2 == 0 && p.t1_align * BITS >= 32) {
-      const int64_t items = nkg * ((HD / 2 + 15) / 16 * 16);
-      const dim3 grid = Grid(items, p);
-      static const int variant = std::getenv("VQKV_SCALAR_VARIANT") == nullptr
-                                     ? 0
-                                     : std::atoi(std::getenv("VQKV_SCALAR_VARIANT"));
-      if constexpr (std::is_same_v<T, __half>) {
-        if (HD == 1024 && variant == 1) {
-          QuantizeK32<T, BITS, 512, 128, 6><<<Grid(items, p, 128), 128, 0, s>>>(p);
-          return QuantizeVFast<T, BITS>(p, max_tokens, s, variant);
-        }
-        if (HD == 1024 && variant == 2) {
-          QuantizeK32<T, BITS, 512, 64, 12><<<Grid(items, p, 64), 64, 0, s>>>(p);
-          return QuantizeVFast<T, BITS>(p, max_tokens, s, variant);
-        }
-        if (HD == 1024 && variant == 3) {
-          QuantizeK32<T, BITS, 512, 128, 8><<<Grid(items, p, 128), 128, 0, s>>>(p);
-          return QuantizeVFast<T, BITS>(p, max_tokens, s, variant);
-        }
-      }
+  // Fast paths: 2-byte elements, groups of 32; K also needs word-aligned runs in every block.
+  const bool fast = sizeof(T) == 2 && p.group == 32;
+  const bool k_fast = fast && p.align >= 4 && HD % 2 == 0 && p.t1_align * BITS >= 32;
+  const bool v_fast = fast && p.dim % 32 == 0 && p.align >= 16;
+  if constexpr (sizeof(T) == 2) {
+    if (k_fast) {
+      const dim3 grid = Grid(nkg * ((HD / 2 + 15) / 16 * 16), p, kFastThreads);
       switch (HD) {  // common K/V widths (heads * head_dim) get constant row strides
         case 512:
-          QuantizeK32<T, BITS, 256><<<grid, kThreads, 0, s>>>(p);
+          QuantizeK32<T, BITS, 256><<<grid, kFastThreads, 0, s>>>(p);
           break;
         case 1024:
-          QuantizeK32<T, BITS, 512><<<grid, kThreads, 0, s>>>(p);
+          QuantizeK32<T, BITS, 512><<<grid, kFastThreads, 0, s>>>(p);
           break;
         case 2048:
-          QuantizeK32<T, BITS, 1024><<<grid, kThreads, 0, s>>>(p);
+          QuantizeK32<T, BITS, 1024><<<grid, kFastThreads, 0, s>>>(p);
           break;
         default:
-          QuantizeK32<T, BITS, 0><<<grid, kThreads, 0, s>>>(p);
+          QuantizeK32<T, BITS, 0><<<grid, kFastThreads, 0, s>>>(p);
       }
     }
   }
-  if (fast && p.align >= 4 && HD % 2 == 0 && p.t1_align * BITS >= 32) {
+  if (k_fast) {
     // launched above
   } else if (p.align >= 4 && HD % kVec == 0) {
     QuantizeKVec<T, BITS, kVec><<<Grid(nkg * (HD / kVec), p), kThreads, 0, s>>>(p);
@@ -1158,14 +1133,14 @@ cudaError_t Quantize(const ScalarParams& p, int32_t max_tokens, cudaStream_t s) 
   }
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  if (fast && p.dim % 32 == 0 && p.align >= 16) {
-    if constexpr (kPairs) {
+  if constexpr (sizeof(T) == 2) {
+    if (v_fast) {
       const int64_t groups = int64_t(max_tokens) * HD / 32;
-      QuantizeV32<T, BITS><<<Grid((groups + kVPer - 1) / kVPer, p), kThreads, 0, s>>>(p);
+      QuantizeV32<T, BITS>
+          <<<Grid((groups + kVPer - 1) / kVPer, p, kFastThreads), kFastThreads, 0, s>>>(p);
     }
-  } else {
-    QuantizeV<T, BITS><<<Grid(VItems<T>(p, max_tokens), p), kThreads, 0, s>>>(p);
   }
+  if (!v_fast) QuantizeV<T, BITS><<<Grid(VItems<T>(p, max_tokens), p), kThreads, 0, s>>>(p);
   return cudaGetLastError();
 }
 

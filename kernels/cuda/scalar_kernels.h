@@ -63,8 +63,8 @@ struct ScalarParams {
   ElemType type = ElemType::kF16;  // in_type for quantize, out_type for dequantize
   int32_t* error_flag = nullptr;   // quantize: 1 when a scale/zero overflows fp16 or a value is
                                    // not finite
-  int32_t align = 1;  // largest power of two (<= 16) dividing every block's `in` (quantize) or
-                      // `out` (dequantize) address; 8 or 16 enable the vector paths
+  int32_t align = 1;     // largest power of two (<= 16) dividing every block's `in` (quantize) or
+                         // `out` (dequantize) address; 8 or 16 enable the vector paths
   int32_t t1_align = 1;  // largest power of two (<= 32) dividing every block's tokens - sinks;
                          // quantize takes the word-aligned K path when t1_align * bits >= 32
 };

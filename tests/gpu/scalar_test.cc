@@ -24,11 +24,11 @@ struct ScalarCase {
   const char* name;
   int dim, heads, layers, tokens, sinks, bits, group;
   DType dtype;
-  int misalign = 0;    // elements by which the input and output pointers are shifted
-  bool zeros = false;  // a third of the values and all of channel 0 are +-0
-  float offset = 0;    // added to channels d % offset_every == 0 (zero points far from 0 in
+  int misalign = 0;      // elements by which the input and output pointers are shifted
+  bool zeros = false;    // a third of the values and all of channel 0 are +-0
+  float offset = 0;      // added to channels d % offset_every == 0 (zero points far from 0 in
   int offset_every = 1;  // units of the scale: the quantize paths that keep x - zero)
-  bool grid = false;   // values 1 + k/2, k < 4 * levels + 1: exact rounding ties
+  bool grid = false;     // values 1 + k/2, k < 4 * levels + 1: exact rounding ties
 };
 
 class ScalarTest : public ::testing::TestWithParam<ScalarCase> {};
@@ -248,8 +248,8 @@ TEST(ScalarBatch, FastPathsMatchCpuPerBlock) {
     spec.name = "scalar";
     spec.scalar_bits = bits;
     spec.scalar_group = 32;
-    const std::vector<std::pair<int, int>> tok_sinks = {{64, 0}, {36, 4}, {48, 0}, {3, 3},
-                                                        {16, 0}, {96, 16}};
+    const std::vector<std::pair<int, int>> tok_sinks = {{64, 0}, {36, 4}, {48, 0},
+                                                        {3, 3},  {16, 0}, {96, 16}};
     std::vector<std::unique_ptr<GuardedBuffer>> ins, bodies;
     std::vector<std::string> want;
     std::vector<DeviceScalarBlock> blocks;
@@ -268,7 +268,8 @@ TEST(ScalarBatch, FastPathsMatchCpuPerBlock) {
       want.push_back(payloads[0].substr(sizeof(PayloadHeader) + sink_bytes));
       ins.push_back(std::make_unique<GuardedBuffer>(xh.size() * 2));
       ins.back()->Upload(xh.data(), xh.size() * 2);
-      bodies.push_back(std::make_unique<GuardedBuffer>(std::max<size_t>((want.back().size() + 3) & ~size_t{3}, 4)));
+      bodies.push_back(std::make_unique<GuardedBuffer>(
+          std::max<size_t>((want.back().size() + 3) & ~size_t{3}, 4)));
       DeviceScalarBlock b;
       b.shape = s;
       b.sinks = tok_sinks[i].second;

@@ -224,6 +224,7 @@ absl::Status Fidelity(const Flags& f) {
   if (!absl::SimpleAtod(f.Str("split-holdout"), &holdout) || holdout < 0 || holdout >= 1) {
     return absl::InvalidArgumentError("--split-holdout must be a number in [0, 1)");
   }
+  const bool refit = f.Bool("refit");
   kernels::KvSamples fit_set, choose_set;
   if (holdout > 0 && !budgets.empty()) {
     VQKV_ASSIGN_OR_RETURN(auto parts, kernels::HoldOutSequences(calib, holdout));
@@ -261,12 +262,6 @@ absl::Status Fidelity(const Flags& f) {
     VQKV_ASSIGN_OR_RETURN(kernels::Codebook full, kernels::FitCodebook(full_cfg, fit_set, sfo));
     bar.Finish(absl::StrCat("fitted ", full_cfg.ToString(), " on ", fit_set.tokens(0),
                             " tokens, code space ", full.code_space().DebugString()));
-    const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads,
-                                                       calib.head_dim, pk, pv, f.Bool("per-head"));
-    VQKV_ASSIGN_OR_RETURN(kernels::Codebook paper_cb, kernels::TruncateCodebook(full, paper_cfg));
-    cands.push_back({absl::StrCat("rvq paper split", tag),
-                     absl::StrCat("paper: ", SplitText(paper_cfg)),
-                     std::make_shared<const kernels::Codebook>(std::move(paper_cb)), "rvq"});
     kernels::SplitErrors split_errors;
     if (!budgets.empty()) {
       ProgressBar sbar(absl::StrCat("split errors", tag),
@@ -275,15 +270,33 @@ absl::Status Fidelity(const Flags& f) {
       VQKV_ASSIGN_OR_RETURN(split_errors, kernels::MeasureSplitErrors(full, choose_set, bo));
       sbar.Finish();
     }
+    std::vector<kernels::RvqConfig> chosen;
     for (double b : budgets) {
       kernels::BudgetOptions ob = bo;
       ob.bits_per_element = b;
       VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice,
                             kernels::ChooseSplitFromErrors(full_cfg, split_errors, ob));
       std::fprintf(stderr, "fit --bits %g%s chose:\n%s", b, tag.c_str(), choice.table.c_str());
-      VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, choice.config));
-      cands.push_back({absl::StrCat("rvq fit --bits ", b, tag),
-                       absl::StrCat("chosen: ", SplitText(choice.config)),
+      chosen.push_back(choice.config);
+    }
+    if (refit && fit_set.tokens(0) < calib.tokens(0)) {
+      // The splits are chosen; fit again on every calibration sequence (the same stage-wise
+      // k-means: each chosen split is a prefix of this codebook too).
+      ProgressBar rbar(absl::StrCat("refit on all", tag), steps);
+      sfo.progress = [&](int64_t d, int64_t, const std::string& w) { rbar.Update(d, w); };
+      VQKV_ASSIGN_OR_RETURN(full, kernels::FitCodebook(full_cfg, calib, sfo));
+      rbar.Finish(absl::StrCat("refitted on ", calib.tokens(0), " tokens"));
+    }
+    const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads,
+                                                       calib.head_dim, pk, pv, f.Bool("per-head"));
+    VQKV_ASSIGN_OR_RETURN(kernels::Codebook paper_cb, kernels::TruncateCodebook(full, paper_cfg));
+    cands.push_back({absl::StrCat("rvq paper split", tag),
+                     absl::StrCat("paper: ", SplitText(paper_cfg)),
+                     std::make_shared<const kernels::Codebook>(std::move(paper_cb)), "rvq"});
+    for (size_t bi = 0; bi < budgets.size(); ++bi) {
+      VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, chosen[bi]));
+      cands.push_back({absl::StrCat("rvq fit --bits ", budgets[bi], tag),
+                       absl::StrCat("chosen: ", SplitText(chosen[bi])),
                        std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq"});
     }
     if (beam > 1) {
@@ -375,6 +388,10 @@ int RunFidelity(int argc, char** argv) {
            {"split-holdout", "0.25",
             "share of the calibration sequences held out of the fit for the split chooser (0: "
             "choose on the fitting data, which favours stages that memorise it)"},
+           {"refit", "true",
+            "after choosing splits on the held-out sequences, fit again on all calibration "
+            "sequences (--refit=false keeps the codebook the splits were measured on)",
+            true},
            {"split-queries", "0",
             "split chooser: at most this many query positions per calibration sequence (0: every "
             "4th)"},
