@@ -34,7 +34,9 @@ absl::StatusOr<std::vector<int>> ParseIntList(const std::string& s, const char* 
   return out;
 }
 
-std::string ScaleName(int l, int c) { return absl::StrCat("layer", l, c == 0 ? ".k" : ".v", ".scale"); }
+std::string ScaleName(int l, int c) {
+  return absl::StrCat("layer", l, c == 0 ? ".k" : ".v", ".scale");
+}
 
 // Rotates rows by -angle (back) or +angle (forward) with LLaMA's rotate-half pairing.
 void Rotate(const std::vector<float>& inv_freq, int kv_heads, int head_dim,
@@ -79,10 +81,9 @@ std::string CodeSpace::DebugString() const {
 absl::Status CodeSpace::Validate(int layers, int kv_heads, int head_dim) const {
   if (!key_rope_inv_freq.empty()) {
     if (head_dim % 2 != 0 || int(key_rope_inv_freq.size()) != head_dim / 2) {
-      return absl::InvalidArgumentError(absl::StrCat("code space: key_rope_inv_freq has ",
-                                                     key_rope_inv_freq.size(),
-                                                     " values, head_dim ", head_dim, " needs ",
-                                                     head_dim / 2, " (and an even head_dim)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "code space: key_rope_inv_freq has ", key_rope_inv_freq.size(), " values, head_dim ",
+          head_dim, " needs ", head_dim / 2, " (and an even head_dim)"));
     }
     for (float f : key_rope_inv_freq) {
       if (!std::isfinite(f) || f < 0) {
@@ -92,8 +93,8 @@ absl::Status CodeSpace::Validate(int layers, int kv_heads, int head_dim) const {
   }
   if (scale.empty()) return absl::OkStatus();
   if (int(scale.size()) != layers * 2) {
-    return absl::InvalidArgumentError(absl::StrCat("code space: ", scale.size(),
-                                                   " scale vectors, expected ", layers * 2));
+    return absl::InvalidArgumentError(
+        absl::StrCat("code space: ", scale.size(), " scale vectors, expected ", layers * 2));
   }
   for (size_t i = 0; i < scale.size(); ++i) {
     if (scale[i].empty()) continue;
@@ -278,8 +279,7 @@ const float* Codebook::Norms(int layer, int kind, int head, int stage) const {
   return norms_[TableIndex(layer, kind, head)].data() + size_t(stage) * s.size;
 }
 
-absl::StatusOr<Codebook> Codebook::Create(RvqConfig config,
-                                          std::vector<std::vector<float>> tables,
+absl::StatusOr<Codebook> Codebook::Create(RvqConfig config, std::vector<std::vector<float>> tables,
                                           CodeSpace code_space) {
   VQKV_RETURN_IF_ERROR(config.Validate());
   VQKV_RETURN_IF_ERROR(code_space.Validate(config.layers, config.kv_heads, config.head_dim));
@@ -455,8 +455,8 @@ absl::StatusOr<Codebook> Codebook::FromBytes(std::string bytes, const std::strin
       auto info = f.Info("key_rope.inv_freq");
       if (!info.ok() || info->dtype != "F32" ||
           info->shape != std::vector<int64_t>{config.head_dim / 2}) {
-        return bad(absl::StrCat("tensor 'key_rope.inv_freq' must be F32 [", config.head_dim / 2,
-                                "]"));
+        return bad(
+            absl::StrCat("tensor 'key_rope.inv_freq' must be F32 [", config.head_dim / 2, "]"));
       }
       VQKV_ASSIGN_OR_RETURN(cs.key_rope_inv_freq, f.ReadFloat("key_rope.inv_freq"));
     } else if (rope->second != "none") {

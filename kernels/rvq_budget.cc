@@ -99,7 +99,8 @@ PairErrors MeasurePairErrors(const KvSamples& calib, int l,
   int64_t off = 0;
   for (int64_t len : seq_lens) {
     int64_t stride = std::max<int64_t>(1, opts.query_stride);
-    if (opts.max_queries > 0) stride = std::max<int64_t>(stride, (len - min_pos) / opts.max_queries);
+    if (opts.max_queries > 0)
+      stride = std::max<int64_t>(stride, (len - min_pos) / opts.max_queries);
     if (len > min_pos) {
       for (int64_t t = len - 1; t >= min_pos; t -= stride) {
         for (int h = 0; h < qh_n; ++h) jobs.push_back({off, t, h});

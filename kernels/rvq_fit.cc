@@ -145,8 +145,7 @@ std::vector<float> KMeans(const float* x, int64_t n, int dim, int k, const FitOp
   return c;
 }
 
-absl::StatusOr<CodeSpace> ComputeCodeSpace(const KvSamples& samples,
-                                           const CodeSpaceOptions& opts) {
+absl::StatusOr<CodeSpace> ComputeCodeSpace(const KvSamples& samples, const CodeSpaceOptions& opts) {
   const int L = samples.layers, H = samples.kv_heads, dim = samples.head_dim;
   CodeSpace cs;
   cs.key_rope_inv_freq = opts.key_rope_inv_freq;

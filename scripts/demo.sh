@@ -41,11 +41,13 @@ echo
 echo "== 1/2 codec fidelity on the real model =="
 case "$MODEL" in
   *.gguf)
-    # SmolLM2 (30 layers, head_dim 64): a quick table on 512-token contexts of packed stories.
-    # docs/fidelity.md has the full table at 512, 2048 and 8192 tokens.
+    # SmolLM2 (30 layers, head_dim 64): a quick table on 512-token contexts of packed stories,
+    # keys coded before RoPE with query-weighted channels (--code-spaces rope+kscale), the split
+    # chosen on held-out calibration sequences. docs/fidelity.md has the full table at 512, 2048
+    # and 8192 tokens.
     "$VQKV" fidelity --model "$MODEL" --max-tokens 512 --calib-seqs 8 --eval-seqs 4 \
-      --budgets 2.25 --max-stages 28,12 --split-queries 8 --iters 4 --max-vectors 8192 \
-      --attn-queries 128 "$@" ;;
+      --budgets 2.25 --max-stages 28,24 --split-queries 8 --iters 4 --max-vectors 8192 \
+      --attn-queries 128 --code-spaces rope+kscale --refit=false "$@" ;;
   *)
     "$VQKV" fidelity --model "$MODEL" --per-story --per-head --budgets 2.25 --iters 6 \
       --max-vectors 16384 "$@" ;;

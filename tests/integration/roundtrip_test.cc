@@ -241,8 +241,7 @@ TEST_F(RoundTripTest, FitCodebookWithPreRopeKeysEqualsALocalFit) {
   samples.seq_lens = {48, 48};
   samples.seq_starts = {0, 500};
   auto local = kernels::FitCodebook(
-      kernels::RvqConfig::Uniform(m.layers, m.kv_heads, m.head_dim, {2, 16}, {1, 16}), samples,
-      fo);
+      kernels::RvqConfig::Uniform(m.layers, m.kv_heads, m.head_dim, {2, 16}, {1, 16}), samples, fo);
   ASSERT_TRUE(local.ok()) << local.status();
   EXPECT_EQ(local->code_space().DebugString(), "rope");
   EXPECT_EQ(fit->codebook_id(), local->id());

@@ -29,7 +29,8 @@ void Rope(float* x, int64_t pos, const std::vector<float>& inv) {
   for (int h = 0; h < kHeads; ++h) {
     float* v = x + h * kDim;
     for (int i = 0; i < kDim / 2; ++i) {
-      const float c = float(std::cos(double(pos) * inv[i])), s = float(std::sin(double(pos) * inv[i]));
+      const float c = float(std::cos(double(pos) * inv[i])),
+                  s = float(std::sin(double(pos) * inv[i]));
       const float a = v[i], b = v[i + kDim / 2];
       v[i] = a * c - b * s;
       v[i + kDim / 2] = b * c + a * s;
@@ -122,7 +123,8 @@ TEST(CodeSpaceTest, PreRopeKeysCodeTheSameAtEveryPosition) {
   // Calibration keys carry RoPE at their positions, as captured caches do.
   KvSamples s = testing::SamplesFrom(shape, x);
   for (int l = 0; l < kLayers; ++l) {
-    for (int t = 0; t < shape.tokens; ++t) Rope(&s.k[l][size_t(t) * kHeads * kDim], t, cs.key_rope_inv_freq);
+    for (int t = 0; t < shape.tokens; ++t)
+      Rope(&s.k[l][size_t(t) * kHeads * kDim], t, cs.key_rope_inv_freq);
   }
   const Codebook cb = Fit(cs, s);
   CodecSpec spec;
@@ -138,9 +140,11 @@ TEST(CodeSpaceTest, PreRopeKeysCodeTheSameAtEveryPosition) {
   std::vector<std::vector<float>> blocks;
   for (int64_t pos : {int64_t{40}, int64_t{5000}}) {
     std::vector<float> b = base;
-    for (int l = 0; l < kLayers; ++l) Rope(b.data() + one.Offset(l, 0, 0, 0), pos, cs.key_rope_inv_freq);
+    for (int l = 0; l < kLayers; ++l)
+      Rope(b.data() + one.Offset(l, 0, 0, 0), pos, cs.key_rope_inv_freq);
     blocks.push_back(b);
-    ASSERT_TRUE((*codec)->Encode({{one, DType::kF32, blocks.back().data(), pos, 0}}, &payloads).ok());
+    ASSERT_TRUE(
+        (*codec)->Encode({{one, DType::kF32, blocks.back().data(), pos, 0}}, &payloads).ok());
   }
   ASSERT_EQ(payloads.size(), 2u);
   PayloadHeader h0, h1;
@@ -156,8 +160,10 @@ TEST(CodeSpaceTest, PreRopeKeysCodeTheSameAtEveryPosition) {
   ASSERT_TRUE(d0.ok() && d1.ok());
   double err = 0, ref = 0;
   for (int l = 0; l < kLayers; ++l) {
-    std::vector<float> k0(d0->begin() + one.Offset(l, 0, 0, 0), d0->begin() + one.Offset(l, 0, 0, 0) + kHeads * kDim);
-    std::vector<float> k1(d1->begin() + one.Offset(l, 0, 0, 0), d1->begin() + one.Offset(l, 0, 0, 0) + kHeads * kDim);
+    std::vector<float> k0(d0->begin() + one.Offset(l, 0, 0, 0),
+                          d0->begin() + one.Offset(l, 0, 0, 0) + kHeads * kDim);
+    std::vector<float> k1(d1->begin() + one.Offset(l, 0, 0, 0),
+                          d1->begin() + one.Offset(l, 0, 0, 0) + kHeads * kDim);
     const std::vector<int64_t> p40 = {40};
     CodeSpace rope_only;
     rope_only.key_rope_inv_freq = cs.key_rope_inv_freq;
@@ -177,7 +183,11 @@ TEST(CodeSpaceTest, PreRopeKeysCodeTheSameAtEveryPosition) {
   auto plain = CreateCodec(pspec);
   ASSERT_TRUE(plain.ok());
   std::vector<std::string> pp;
-  ASSERT_TRUE((*plain)->Encode({{one, DType::kF32, blocks[0].data(), 40, 0}, {one, DType::kF32, blocks[1].data(), 5000, 0}}, &pp).ok());
+  ASSERT_TRUE((*plain)
+                  ->Encode({{one, DType::kF32, blocks[0].data(), 40, 0},
+                            {one, DType::kF32, blocks[1].data(), 5000, 0}},
+                           &pp)
+                  .ok());
   EXPECT_NE(pp[0].substr(sizeof(PayloadHeader)), pp[1].substr(sizeof(PayloadHeader)));
 }
 

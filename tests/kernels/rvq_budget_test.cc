@@ -1,12 +1,13 @@
 // The split chooser's error grid equals attention errors measured the plain way: decode the
 // samples with each truncated codebook and run the reference attention (kernels/fidelity.h).
+#include "kernels/rvq_budget.h"
+
 #include <algorithm>
 #include <cmath>
 
 #include "gtest/gtest.h"
 #include "kernels/codec.h"
 #include "kernels/fidelity.h"
-#include "kernels/rvq_budget.h"
 #include "kernels/rvq_fit.h"
 #include "tests/kernels/test_data.h"
 

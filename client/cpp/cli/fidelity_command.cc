@@ -4,8 +4,8 @@
 #include <cstdio>
 #include <memory>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -233,8 +233,8 @@ absl::Status Fidelity(const Flags& f) {
     std::fprintf(stderr,
                  "split chooser: codebooks fitted on %zu sequences (%lld tokens), splits chosen on "
                  "the other %zu (%lld tokens)\n",
-                 fit_set.seq_lens.size(), (long long)fit_set.tokens(0),
-                 choose_set.seq_lens.size(), (long long)choose_set.tokens(0));
+                 fit_set.seq_lens.size(), (long long)fit_set.tokens(0), choose_set.seq_lens.size(),
+                 (long long)choose_set.tokens(0));
   } else {
     fit_set = calib;
     choose_set = calib;
@@ -250,10 +250,9 @@ absl::Status Fidelity(const Flags& f) {
       if (synthetic) {
         return absl::InvalidArgumentError("--code-spaces other than none need a model");
       }
-      const kernels::CodeSpaceOptions cso =
-          CodeSpaceForModel(setup->model, absl::StrContains(space, "rope"),
-                            absl::StrContains(space, "kscale"), absl::StrContains(space, "vscale"),
-                            scale_exponent);
+      const kernels::CodeSpaceOptions cso = CodeSpaceForModel(
+          setup->model, absl::StrContains(space, "rope"), absl::StrContains(space, "kscale"),
+          absl::StrContains(space, "vscale"), scale_exponent);
       VQKV_ASSIGN_OR_RETURN(sfo.code_space, kernels::ComputeCodeSpace(fit_set, cso));
     }
     const std::string tag = space == "none" ? "" : absl::StrCat(" [", space, "]");
@@ -287,8 +286,8 @@ absl::Status Fidelity(const Flags& f) {
       VQKV_ASSIGN_OR_RETURN(full, kernels::FitCodebook(full_cfg, calib, sfo));
       rbar.Finish(absl::StrCat("refitted on ", calib.tokens(0), " tokens"));
     }
-    const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads,
-                                                       calib.head_dim, pk, pv, f.Bool("per-head"));
+    const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads, calib.head_dim,
+                                                       pk, pv, f.Bool("per-head"));
     VQKV_ASSIGN_OR_RETURN(kernels::Codebook paper_cb, kernels::TruncateCodebook(full, paper_cfg));
     cands.push_back({absl::StrCat("rvq paper split", tag),
                      absl::StrCat("paper: ", SplitText(paper_cfg)),

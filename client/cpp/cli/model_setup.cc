@@ -79,7 +79,8 @@ kernels::CodeSpaceOptions CodeSpaceForModel(const model::LlamaModel& model, bool
         for (int j = 0; j < wo.in; ++j) col[j] += double(row[j]) * row[j];
       }
       for (int qh = 0; qh < heads; ++qh) {
-        for (int d = 0; d < dim; ++d) e[size_t(qh / group) * dim + d] += float(col[size_t(qh) * dim + d]);
+        for (int d = 0; d < dim; ++d)
+          e[size_t(qh / group) * dim + d] += float(col[size_t(qh) * dim + d]);
       }
       o.value_energy.push_back(std::move(e));
     }
