@@ -351,7 +351,8 @@ absl::Status Fidelity(const Flags& f) {
         std::printf(
             "context %lld: reference perplexity (fp32 cache) %.3f over %lld scored "
             "predictions\n",
-            (long long)r.context, r.ppl_ref, (long long)r.scored);
+            (long long)(r.context > 0 ? r.context : contexts.front()), r.ppl_ref,
+            (long long)r.scored);
       }
     }
     std::printf(
