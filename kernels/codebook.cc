@@ -112,33 +112,34 @@ absl::Status CodeSpace::Validate(int layers, int kv_heads, int head_dim) const {
   return absl::OkStatus();
 }
 
+namespace {
+
+// Multiplies (or divides, when `divide`) rows of (layer, kind) by their channel weights.
+void ApplyScale(const CodeSpace& cs, int layer, int kind, int kv_heads, int head_dim, size_t rows,
+                float* x, bool divide) {
+  const size_t si = size_t(layer) * 2 + kind;
+  if (si >= cs.scale.size() || cs.scale[si].empty()) return;
+  const float* s = cs.scale[si].data();
+  const int64_t row = int64_t{kv_heads} * head_dim;
+  for (size_t t = 0; t < rows; ++t) {
+    float* v = x + int64_t(t) * row;
+    for (int64_t j = 0; j < row; ++j) v[j] = divide ? v[j] / s[j] : v[j] * s[j];
+  }
+}
+
+}  // namespace
+
 void ToCodeSpace(const CodeSpace& cs, int layer, int kind, int kv_heads, int head_dim,
                  absl::Span<const int64_t> positions, float* x) {
   if (kind == 0 && !cs.key_rope_inv_freq.empty()) {
     Rotate(cs.key_rope_inv_freq, kv_heads, head_dim, positions, x, /*forward=*/false);
   }
-  const size_t si = size_t(layer) * 2 + kind;
-  if (si < cs.scale.size() && !cs.scale[si].empty()) {
-    const float* s = cs.scale[si].data();
-    const int64_t row = int64_t{kv_heads} * head_dim;
-    for (size_t t = 0; t < positions.size(); ++t) {
-      float* v = x + int64_t(t) * row;
-      for (int64_t j = 0; j < row; ++j) v[j] *= s[j];
-    }
-  }
+  ApplyScale(cs, layer, kind, kv_heads, head_dim, positions.size(), x, /*divide=*/false);
 }
 
 void FromCodeSpace(const CodeSpace& cs, int layer, int kind, int kv_heads, int head_dim,
                    absl::Span<const int64_t> positions, float* x) {
-  const size_t si = size_t(layer) * 2 + kind;
-  if (si < cs.scale.size() && !cs.scale[si].empty()) {
-    const float* s = cs.scale[si].data();
-    const int64_t row = int64_t{kv_heads} * head_dim;
-    for (size_t t = 0; t < positions.size(); ++t) {
-      float* v = x + int64_t(t) * row;
-      for (int64_t j = 0; j < row; ++j) v[j] /= s[j];
-    }
-  }
+  ApplyScale(cs, layer, kind, kv_heads, head_dim, positions.size(), x, /*divide=*/true);
   if (kind == 0 && !cs.key_rope_inv_freq.empty()) {
     Rotate(cs.key_rope_inv_freq, kv_heads, head_dim, positions, x, /*forward=*/true);
   }
