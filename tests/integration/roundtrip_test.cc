@@ -182,28 +182,43 @@ TEST_F(RoundTripTest, RvqWithUploadedCodebookMatchesTheCodec) {
             absl::StatusCode::kFailedPrecondition);
 }
 
-TEST_F(RoundTripTest, FitCodebookOnTheServerEqualsALocalFit) {
-  const ModelInfo m = SmallModel("rvq-fit", "rvq");
-  Register(m);
-  std::vector<std::string> cal = {RandomBlock(m, 7, 48), RandomBlock(m, 8, 48)};
-  std::vector<client::SampleView> views;
-  for (const std::string& t : cal) views.push_back({48, m.dtype, t.data(), t.size()});
+// The small server-side fit both FitCodebook tests run (2x16 K, 1x16 V, 5 iterations, seed 7),
+// its local twin, and 48-token sample views of `cal`.
+client::FitParams SmallFit(const ModelInfo& m) {
   client::FitParams p;
   p.model_id = m.model_id;
   p.k_stages = "2x16";
   p.v_stages = "1x16";
   p.iterations = 5;
   p.seed = 7;
+  return p;
+}
+kernels::RvqConfig SmallFitConfig(const ModelInfo& m) {
+  return kernels::RvqConfig::Uniform(m.layers, m.kv_heads, m.head_dim, {2, 16}, {1, 16});
+}
+kernels::FitOptions SmallFitOptions() {
+  kernels::FitOptions fo;
+  fo.iterations = 5;
+  fo.seed = 7;
+  return fo;
+}
+std::vector<client::SampleView> Views48(const ModelInfo& m, const std::vector<std::string>& cal) {
+  std::vector<client::SampleView> views;
+  for (const std::string& t : cal) views.push_back({48, m.dtype, t.data(), t.size()});
+  return views;
+}
+
+TEST_F(RoundTripTest, FitCodebookOnTheServerEqualsALocalFit) {
+  const ModelInfo m = SmallModel("rvq-fit", "rvq");
+  Register(m);
+  std::vector<std::string> cal = {RandomBlock(m, 7, 48), RandomBlock(m, 8, 48)};
+  const std::vector<client::SampleView> views = Views48(m, cal);
+  const client::FitParams p = SmallFit(m);
   int progress = 0;
   auto fit = client_->FitCodebook(p, views, [&](const v1::FitCodebookResponse&) { ++progress; });
   ASSERT_TRUE(fit.ok()) << fit.status();
   EXPECT_GT(progress, 0);
-  kernels::FitOptions fo;
-  fo.iterations = 5;
-  fo.seed = 7;
-  auto local = kernels::FitCodebook(
-      kernels::RvqConfig::Uniform(m.layers, m.kv_heads, m.head_dim, {2, 16}, {1, 16}),
-      SamplesOf(m, cal, 48), fo);
+  auto local = kernels::FitCodebook(SmallFitConfig(m), SamplesOf(m, cal, 48), SmallFitOptions());
   ASSERT_TRUE(local.ok());
   EXPECT_EQ(fit->codebook_id(), local->id());
   EXPECT_EQ(fit->sample_vectors(), 96 * m.kv_heads);
@@ -219,29 +234,20 @@ TEST_F(RoundTripTest, FitCodebookWithPreRopeKeysEqualsALocalFit) {
   const ModelInfo m = SmallModel("rvq-rope", "rvq");
   Register(m);
   std::vector<std::string> cal = {RandomBlock(m, 17, 48), RandomBlock(m, 18, 48)};
-  std::vector<client::SampleView> views;
-  for (const std::string& t : cal) views.push_back({48, m.dtype, t.data(), t.size()});
+  std::vector<client::SampleView> views = Views48(m, cal);
   views[1].first_token = 500;
-  client::FitParams p;
-  p.model_id = m.model_id;
-  p.k_stages = "2x16";
-  p.v_stages = "1x16";
-  p.iterations = 5;
-  p.seed = 7;
+  client::FitParams p = SmallFit(m);
   p.key_rope_theta = 10000;
   auto fit = client_->FitCodebook(p, views, [](const v1::FitCodebookResponse&) {});
   ASSERT_TRUE(fit.ok()) << fit.status();
-  kernels::FitOptions fo;
-  fo.iterations = 5;
-  fo.seed = 7;
+  kernels::FitOptions fo = SmallFitOptions();
   for (int i = 0; i < m.head_dim / 2; ++i) {
     fo.code_space.key_rope_inv_freq.push_back(float(std::pow(10000.0, -2.0 * i / m.head_dim)));
   }
   kernels::KvSamples samples = SamplesOf(m, cal, 48);
   samples.seq_lens = {48, 48};
   samples.seq_starts = {0, 500};
-  auto local = kernels::FitCodebook(
-      kernels::RvqConfig::Uniform(m.layers, m.kv_heads, m.head_dim, {2, 16}, {1, 16}), samples, fo);
+  auto local = kernels::FitCodebook(SmallFitConfig(m), samples, fo);
   ASSERT_TRUE(local.ok()) << local.status();
   EXPECT_EQ(local->code_space().DebugString(), "rope");
   EXPECT_EQ(fit->codebook_id(), local->id());
