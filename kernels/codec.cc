@@ -151,6 +151,8 @@ absl::StatusOr<CodecSpec> ParseCodecSpec(std::string_view text_in) {
         spec.scalar_group = v;
       } else if (p.first == "beam") {
         spec.beam = v;
+      } else if (p.first == "outliers") {
+        spec.outliers = v;
       } else {
         return absl::InvalidArgumentError(
             absl::StrCat("codec '", text, "': unknown parameter '", p.first, "'"));
@@ -166,7 +168,10 @@ std::string CodecSpecString(const CodecSpec& spec) {
     return absl::StrCat("scalar-", spec.scalar_bits, ":group=", spec.scalar_group,
                         ",sinks=", spec.sink_tokens);
   }
-  if (spec.name == "rvq") return absl::StrCat("rvq:beam=", spec.beam, ",sinks=", spec.sink_tokens);
+  if (spec.name == "rvq") {
+    return absl::StrCat("rvq:beam=", spec.beam, ",sinks=", spec.sink_tokens,
+                        spec.outliers > 0 ? absl::StrCat(",outliers=", spec.outliers) : "");
+  }
   return absl::StrCat(spec.name, ":sinks=", spec.sink_tokens);
 }
 

@@ -36,7 +36,7 @@ struct PayloadHeader {
   uint8_t param;    // scalar: bits; rvq: beam width used; raw: 0
   int32_t layers, tokens, kv_heads, head_dim;
   int32_t sink_tokens;      // leading tokens of this block stored losslessly
-  int32_t group;            // scalar: group size; others 0
+  int32_t group;            // scalar: group size; rvq: outlier tokens per layer; raw: 0
   uint8_t codebook_tag[8];  // rvq: first 8 bytes of the codebook id; zero otherwise
   int32_t first_layer;      // model layer of the block's layer 0 (layer-range blocks)
   int32_t first_token;      // sequence position of the block's token 0 (-1: beyond int32;
@@ -63,10 +63,16 @@ struct CodecSpec {
   int scalar_bits = 2;    // scalar: 2 or 4
   int scalar_group = 32;  // scalar: group size (tokens for K, channels for V)
   int beam = 1;           // rvq: 1 = greedy; >1 = beam search of that width
+  // rvq: in every block and layer, this many coded tokens with the largest relative error (K and
+  // V, all heads) also store their residual (or the vector itself, if smaller) as int8 with an
+  // fp16 scale per head vector: the attention sinks inside a long context, rare small-norm
+  // vectors that draw much of the attention. 0 = off. A fixed count per block, so payload sizes
+  // stay a function of the shape.
+  int outliers = 0;
   std::shared_ptr<const Codebook> codebook;  // rvq: required
 };
 
-// Parses "raw", "scalar-2", "scalar-4", "scalar-2:group=64", "rvq", "rvq:beam=4",
+// Parses "raw", "scalar-2", "scalar-4", "scalar-2:group=64", "rvq", "rvq:beam=4,outliers=2",
 // "raw:sinks=0"... into a spec (codebook left empty). InvalidArgument on unknown names/keys.
 absl::StatusOr<CodecSpec> ParseCodecSpec(std::string_view text);
 std::string CodecSpecString(const CodecSpec& spec);

@@ -1,10 +1,19 @@
 // rvq: residual vector quantization of whole head vectors (VQKV).
 // Body layout: one bit stream, for l in layers, c in {K, V}, t in non-sink tokens, h in heads,
 // i in stages(l, c): code (log2 size(l, c) bits). Zero-padded to a byte at the end.
+// With outliers = N > 0 (CodecSpec::outliers) the bit stream is followed, for l in layers, by
+// min(N, non-sink tokens) entries in increasing token order: int32 token (index among the non-sink
+// tokens), then for c in {K, V}, h in heads: fp16 scale and head_dim int8 values of the residual
+// left after the stages (in the code space), added back on decode; a negative scale means the
+// int8 values are the vector itself (in the code space), replacing the stages' reconstruction.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <numeric>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
 #include "kernels/bitpack.h"
@@ -24,6 +33,7 @@ class RvqCodec final : public Codec {
   std::string Label() const override {
     std::string s = absl::StrCat("rvq(", cb_.config().ToString(), ")");
     if (spec_.beam > 1) absl::StrAppend(&s, "+beam", spec_.beam);
+    if (spec_.outliers > 0) absl::StrAppend(&s, "+outliers", spec_.outliers);
     return s;
   }
   CodecKind kind() const override { return CodecKind::kRvq; }
@@ -31,6 +41,7 @@ class RvqCodec final : public Codec {
  protected:
   void FillHeader(PayloadHeader* h) const override {
     h->param = static_cast<uint8_t>(spec_.beam);
+    h->group = spec_.outliers;
     std::memcpy(h->codebook_tag, tag_, 8);
   }
 
@@ -47,12 +58,9 @@ class RvqCodec final : public Codec {
   }
 
   int64_t BodyBytes(const KvShape& s, int sinks, DType, int first_layer) const override {
-    const RvqConfig& c = cb_.config();
-    int64_t bits = 0;
-    for (int l = first_layer; l < first_layer + s.layers && l < c.layers; ++l) {
-      bits += int64_t{c.k[l].stages} * c.k[l].bits() + int64_t{c.v[l].stages} * c.v[l].bits();
-    }
-    return (int64_t{s.tokens - sinks} * s.kv_heads * bits + 7) / 8;
+    const int64_t t1 = s.tokens - sinks;
+    return (t1 * s.kv_heads * CodeBitsPerToken(s, first_layer) + 7) / 8 +
+           int64_t{s.layers} * std::min<int64_t>(spec_.outliers, t1) * OutlierEntryBytes(s);
   }
 
   absl::Status EncodeBody(const PayloadHeader& h, const float* x,
@@ -64,6 +72,7 @@ class RvqCodec final : public Codec {
     VQKV_ASSIGN_OR_RETURN(const std::vector<int64_t> positions, Positions(h));
     // codes[l][c]: [t1 * heads, stages]
     std::vector<std::vector<int32_t>> codes(size_t(s.layers) * 2);
+    std::vector<std::vector<float>> inputs(spec_.outliers > 0 ? size_t(s.layers) * 2 : 0);
     std::vector<float> r, dist;
     std::vector<int32_t> idx;
     for (int l = 0; l < s.layers; ++l) {
@@ -74,6 +83,7 @@ class RvqCodec final : public Codec {
         out.assign(n * sc.stages, 0);
         r.assign(x + s.Offset(l, c, sinks, 0), x + s.Offset(l, c, sinks, 0) + n * dim);
         ToCodeSpace(cb_.code_space(), ml, c, heads, dim, positions, r.data());
+        if (spec_.outliers > 0) inputs[l * 2 + c] = r;
         const int groups = cfg.per_head ? heads : 1;
         for (int g = 0; g < groups; ++g) {
           // With per-head codebooks each head is encoded against its own tables.
@@ -126,6 +136,12 @@ class RvqCodec final : public Codec {
       }
     }
     w.Flush();
+    if (spec_.outliers > 0) {
+      for (int l = 0; l < s.layers; ++l) {
+        AppendOutliers(h, l, inputs[l * 2], inputs[l * 2 + 1], codes[l * 2], codes[l * 2 + 1],
+                       body);
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -141,7 +157,34 @@ class RvqCodec final : public Codec {
     const RvqConfig& cfg = cb_.config();
     const int sinks = h.sink_tokens, t1 = s.tokens - sinks, dim = s.head_dim;
     VQKV_ASSIGN_OR_RETURN(const std::vector<int64_t> positions, Positions(h));
-    BitReader rd(body);
+    if (h.group != spec_.outliers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("rvq codec: payload was encoded with outliers=", h.group,
+                       ", this codec has outliers=", spec_.outliers));
+    }
+    const int64_t code_bytes =
+        (int64_t{t1} * s.kv_heads * CodeBitsPerToken(s, h.first_layer) + 7) / 8;
+    const int n_out = int(std::min<int64_t>(spec_.outliers, t1));
+    const int64_t entry = OutlierEntryBytes(s);
+    if (int64_t(body.size()) != code_bytes + int64_t{s.layers} * n_out * entry) {
+      return absl::InvalidArgumentError("rvq codec: body size does not match the shape");
+    }
+    // Outlier entries: validate every token index (increasing, in range) before writing anything.
+    std::vector<int32_t> out_tokens(size_t(s.layers) * n_out);
+    for (int l = 0; l < s.layers; ++l) {
+      for (int j = 0; j < n_out; ++j) {
+        const char* e = body.data() + code_bytes + (int64_t{l} * n_out + j) * entry;
+        int32_t t;
+        std::memcpy(&t, e, 4);
+        if (t < 0 || t >= t1 || (j > 0 && t <= out_tokens[size_t(l) * n_out + j - 1])) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("rvq codec: outlier entry ", j, " of layer ", l, " names token ", t,
+                           " (must increase and lie in [0, ", t1, "))"));
+        }
+        out_tokens[size_t(l) * n_out + j] = t;
+      }
+    }
+    BitReader rd(body.substr(0, code_bytes));
     for (int l = 0; l < s.layers; ++l) {
       const int ml = h.first_layer + l;
       for (int c = 0; c < 2; ++c) {
@@ -159,6 +202,26 @@ class RvqCodec final : public Codec {
             }
           }
         }
+        for (int j = 0; j < n_out; ++j) {
+          const int t = out_tokens[size_t(l) * n_out + j];
+          const char* e = body.data() + code_bytes + (int64_t{l} * n_out + j) * entry + 4 +
+                          int64_t{c} * s.kv_heads * (2 + dim);
+          for (int hh = 0; hh < s.kv_heads; ++hh, e += 2 + dim) {
+            uint16_t hs;
+            std::memcpy(&hs, e, 2);
+            const float scale = HalfToFloat(hs & 0x7fff);
+            if (!std::isfinite(scale)) {
+              return absl::InvalidArgumentError("rvq codec: outlier scale is not finite");
+            }
+            const auto* q = reinterpret_cast<const int8_t*>(e + 2);
+            float* out = x + s.Offset(l, c, sinks + t, hh);
+            if (hs & 0x8000) {  // the vector itself
+              for (int d = 0; d < dim; ++d) out[d] = scale * float(q[d]);
+            } else {  // the residual after the stages
+              for (int d = 0; d < dim; ++d) out[d] += scale * float(q[d]);
+            }
+          }
+        }
         FromCodeSpace(cb_.code_space(), ml, c, s.kv_heads, dim, positions,
                       x + s.Offset(l, c, sinks, 0));
       }
@@ -167,6 +230,106 @@ class RvqCodec final : public Codec {
   }
 
  private:
+  // Bytes of one outlier entry: token index, then per (kind, head) an fp16 scale and int8 values.
+  static int64_t OutlierEntryBytes(const KvShape& s) {
+    return 4 + int64_t{2} * s.kv_heads * (2 + s.head_dim);
+  }
+  // Code bits of one token of one head, summed over the block's layers and K/V.
+  int64_t CodeBitsPerToken(const KvShape& s, int first_layer) const {
+    const RvqConfig& c = cb_.config();
+    int64_t bits = 0;
+    for (int l = first_layer; l < first_layer + s.layers && l < c.layers; ++l) {
+      bits += int64_t{c.k[l].stages} * c.k[l].bits() + int64_t{c.v[l].stages} * c.v[l].bits();
+    }
+    return bits;
+  }
+
+  // Residual (code space) of `n` vectors after all stages of (layer ml, kind c).
+  std::vector<float> Residual(int ml, int c, int heads, int dim, const std::vector<float>& in,
+                              const std::vector<int32_t>& codes) const {
+    const RvqConfig& cfg = cb_.config();
+    const StageConfig& sc = cfg.at(ml, c);
+    std::vector<float> res = in;
+    const int64_t n = int64_t(in.size()) / dim;
+    for (int64_t v = 0; v < n; ++v) {
+      const int g = cfg.per_head ? int(v % heads) : 0;
+      float* rv = res.data() + v * dim;
+      for (int i = 0; i < sc.stages; ++i) {
+        const float* cw = cb_.Table(ml, c, g, i) + int64_t{codes[v * sc.stages + i]} * dim;
+        for (int d = 0; d < dim; ++d) rv[d] -= cw[d];
+      }
+    }
+    return res;
+  }
+
+  // Picks the min(outliers, tokens) coded tokens of block layer l with the largest relative
+  // residual energy (K and V, all heads) and appends their int8 residuals.
+  void AppendOutliers(const PayloadHeader& h, int l, const std::vector<float>& k_in,
+                      const std::vector<float>& v_in, const std::vector<int32_t>& k_codes,
+                      const std::vector<int32_t>& v_codes, std::string* body) const {
+    const KvShape s = HeaderShape(h);
+    const int heads = s.kv_heads, dim = s.head_dim, t1 = s.tokens - h.sink_tokens;
+    const int n_out = std::min(spec_.outliers, t1);
+    if (n_out <= 0) return;
+    const int ml = h.first_layer + l;
+    const std::vector<float> res[2] = {Residual(ml, 0, heads, dim, k_in, k_codes),
+                                       Residual(ml, 1, heads, dim, v_in, v_codes)};
+    const std::vector<float>* in[2] = {&k_in, &v_in};
+    std::vector<double> score(size_t(t1), 0.0);
+    for (int c = 0; c < 2; ++c) {
+      double mean_energy = 0;
+      for (float f : *in[c]) mean_energy += double(f) * f;
+      mean_energy /= std::max(1, t1);
+      const double floor = 1e-6 * mean_energy + 1e-30;
+      for (int t = 0; t < t1; ++t) {
+        double e = 0, x2 = 0;
+        for (int64_t i = int64_t{t} * heads * dim; i < int64_t{t + 1} * heads * dim; ++i) {
+          e += double(res[c][i]) * res[c][i];
+          x2 += double((*in[c])[i]) * (*in[c])[i];
+        }
+        score[t] += e / std::max(x2, floor);
+      }
+    }
+    std::vector<int32_t> order(static_cast<size_t>(t1));
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + n_out, order.end(), [&](int32_t a, int32_t b) {
+      return score[a] > score[b] || (score[a] == score[b] && a < b);
+    });
+    order.resize(n_out);
+    std::sort(order.begin(), order.end());
+    for (int32_t t : order) {
+      body->append(reinterpret_cast<const char*>(&t), 4);
+      for (int c = 0; c < 2; ++c) {
+        for (int hh = 0; hh < heads; ++hh) {
+          // The residual, or the vector itself when that is smaller (a vector far smaller than
+          // the codewords leaves a residual larger than itself): the scale's sign says which.
+          const int64_t at = (int64_t{t} * heads + hh) * dim;
+          float amax_res = 0, amax_vec = 0;
+          for (int d = 0; d < dim; ++d) {
+            amax_res = std::max(amax_res, std::abs(res[c][at + d]));
+            amax_vec = std::max(amax_vec, std::abs((*in[c])[at + d]));
+          }
+          const bool replace = amax_vec < amax_res;
+          const float* rv = replace ? in[c]->data() + at : res[c].data() + at;
+          const float amax = replace ? amax_vec : amax_res;
+          uint16_t hs = FloatToHalf(amax / 127.f);
+          float scale = HalfToFloat(hs);
+          if (!std::isfinite(scale) || scale == 0) {  // beyond fp16 or all zero: leave it coded
+            hs = 0;
+            scale = 0;
+          } else if (replace) {
+            hs |= 0x8000;
+          }
+          body->append(reinterpret_cast<const char*>(&hs), 2);
+          for (int d = 0; d < dim; ++d) {
+            const float q = scale > 0 ? std::nearbyint(rv[d] / scale) : 0.f;
+            body->push_back(static_cast<char>(static_cast<int8_t>(std::clamp(q, -127.f, 127.f))));
+          }
+        }
+      }
+    }
+  }
+
   // Sequence positions of the coded (non-sink) tokens; empty when the code space has no RoPE.
   absl::StatusOr<std::vector<int64_t>> Positions(const PayloadHeader& h) const {
     const int t1 = h.tokens - h.sink_tokens;
@@ -198,6 +361,10 @@ absl::StatusOr<std::unique_ptr<Codec>> NewRvqCodec(const CodecSpec& spec) {
   if (spec.beam < 1 || spec.beam > 64) {
     return absl::InvalidArgumentError(
         absl::StrCat("rvq codec: beam must be in [1, 64], got ", spec.beam));
+  }
+  if (spec.outliers < 0 || spec.outliers > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rvq codec: outliers must be in [0, 4096], got ", spec.outliers));
   }
   return std::unique_ptr<Codec>(new RvqCodec(spec));
 }

@@ -678,7 +678,9 @@ absl::StatusOr<std::unique_ptr<Codec>> NewCudaRvqCodec(const CodecSpec& spec) {
   }
   // Beam search, and codebooks with a code space (pre-RoPE keys, channel scales: the kernels
   // code vectors as given), run on the CPU codec; the payloads are the same format.
-  if (spec.beam > 1 || !spec.codebook->code_space().empty()) return NewRvqCodec(spec);
+  if (spec.beam > 1 || spec.outliers > 0 || !spec.codebook->code_space().empty()) {
+    return NewRvqCodec(spec);
+  }
   if (!CudaDeviceAvailable()) {
     return absl::FailedPreconditionError("rvq-cuda codec: no CUDA device");
   }

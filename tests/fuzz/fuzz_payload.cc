@@ -25,6 +25,8 @@ std::vector<std::unique_ptr<vqkv::kernels::Codec>> MakeCodecs() {
   spec.name = "rvq";
   spec.codebook = std::make_shared<const Codebook>(*Codebook::Create(cfg, tables));
   out.push_back(*CreateCodec(spec));
+  spec.outliers = 2;  // the outlier entries (token indices, fp16 scales) are parsed too
+  out.push_back(*CreateCodec(spec));
   return out;
 }
 }  // namespace

@@ -139,47 +139,55 @@ TEST_F(RoundTripTest, ScalarMatchesTheCodecsOwnDecodeAndCodes) {
 }
 
 TEST_F(RoundTripTest, RvqWithUploadedCodebookMatchesTheCodec) {
-  const ModelInfo m = SmallModel("rvq", "rvq");
-  Register(m);
-  // Without a codebook an rvq model cannot store anything.
-  EXPECT_EQ(PutRange(m, 0, 1).status().code(), absl::StatusCode::kFailedPrecondition);
+  auto run = [&](const ModelInfo& m, const std::string& codec_name) {
+    Register(m);
+    // Without a codebook an rvq model cannot store anything.
+    EXPECT_EQ(PutRange(m, 0, 1).status().code(), absl::StatusCode::kFailedPrecondition);
 
-  std::vector<std::string> cal = {RandomBlock(m, 100, 64), RandomBlock(m, 101, 64)};
-  kernels::FitOptions fo;
-  fo.iterations = 4;
-  auto cb = kernels::FitCodebook(
-      kernels::RvqConfig::Uniform(m.layers, m.kv_heads, m.head_dim, {2, 16}, {2, 16}),
-      SamplesOf(m, cal, 64), fo);
-  ASSERT_TRUE(cb.ok()) << cb.status();
-  auto up = client_->UploadCodebook(m.model_id, cb->Serialize(), true);
-  ASSERT_TRUE(up.ok()) << up.status();
-  EXPECT_EQ(up->codebook_id(), cb->id());
-  EXPECT_TRUE(up->active());
+    std::vector<std::string> cal = {RandomBlock(m, 100, 64), RandomBlock(m, 101, 64)};
+    kernels::FitOptions fo;
+    fo.iterations = 4;
+    auto cb = kernels::FitCodebook(
+        kernels::RvqConfig::Uniform(m.layers, m.kv_heads, m.head_dim, {2, 16}, {2, 16}),
+        SamplesOf(m, cal, 64), fo);
+    ASSERT_TRUE(cb.ok()) << cb.status();
+    auto up = client_->UploadCodebook(m.model_id, cb->Serialize(), true);
+    ASSERT_TRUE(up.ok()) << up.status();
+    EXPECT_EQ(up->codebook_id(), cb->id());
+    EXPECT_TRUE(up->active());
 
-  auto put = PutRange(m, 0, 4);
-  ASSERT_TRUE(put.ok()) << put.status();
-  EXPECT_EQ(put->codebook_id, cb->id());
-  kernels::CodecSpec spec = *kernels::ParseCodecSpec("rvq");
-  spec.codebook = std::make_shared<const kernels::Codebook>(*cb);
-  auto codec = kernels::CreateCodec(spec);
-  ASSERT_TRUE(codec.ok());
-  auto got = client_->Get(m.model_id, Hashes(0, 4));
-  ASSERT_TRUE(got.ok()) << got.status();
-  GetOptions codes;
-  codes.codes = true;
-  auto payloads = client_->Get(m.model_id, Hashes(0, 4), codes);
-  ASSERT_TRUE(payloads.ok());
-  for (int i = 0; i < 4; ++i) {
-    const Local l = LocalCodec(**codec, m, i);
-    EXPECT_EQ((*got)[i].data, l.decoded) << i;
-    EXPECT_EQ((*payloads)[i].data, l.payload) << i;
-    EXPECT_EQ((*got)[i].codebook_id, cb->id());
+    auto put = PutRange(m, 0, 4);
+    ASSERT_TRUE(put.ok()) << put.status();
+    EXPECT_EQ(put->codebook_id, cb->id());
+    kernels::CodecSpec spec = *kernels::ParseCodecSpec(codec_name);
+    spec.codebook = std::make_shared<const kernels::Codebook>(*cb);
+    auto codec = kernels::CreateCodec(spec);
+    ASSERT_TRUE(codec.ok());
+    auto got = client_->Get(m.model_id, Hashes(0, 4));
+    ASSERT_TRUE(got.ok()) << got.status();
+    GetOptions codes;
+    codes.codes = true;
+    auto payloads = client_->Get(m.model_id, Hashes(0, 4), codes);
+    ASSERT_TRUE(payloads.ok());
+    for (int i = 0; i < 4; ++i) {
+      const Local l = LocalCodec(**codec, m, i);
+      EXPECT_EQ((*got)[i].data, l.decoded) << i;
+      EXPECT_EQ((*payloads)[i].data, l.payload) << i;
+      EXPECT_EQ((*got)[i].codebook_id, cb->id());
+    }
+    // Blocks are keyed by codebook: naming another (unknown) one finds nothing.
+    GetOptions other;
+    other.codebook_id = std::string(32, 'f');
+    EXPECT_EQ(client_->Get(m.model_id, Hashes(0, 1), other).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+  };
+  // Plain rvq, and rvq whose worst-coded token per block and layer also stores an int8 residual.
+  const std::pair<const char*, const char*> cases[] = {{"rvq", "rvq"},
+                                                       {"rvq-outliers", "rvq:outliers=1"}};
+  for (const auto& [id, codec_name] : cases) {
+    SCOPED_TRACE(codec_name);
+    run(SmallModel(id, codec_name), codec_name);
   }
-  // Blocks are keyed by codebook: naming another (unknown) one finds nothing.
-  GetOptions other;
-  other.codebook_id = std::string(32, 'f');
-  EXPECT_EQ(client_->Get(m.model_id, Hashes(0, 1), other).status().code(),
-            absl::StatusCode::kFailedPrecondition);
 }
 
 // The small server-side fit both FitCodebook tests run (2x16 K, 1x16 V, 5 iterations, seed 7),

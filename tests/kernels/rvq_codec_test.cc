@@ -182,6 +182,120 @@ TEST(RvqCodecTest, LayerRangeBlocksMatchTheWholeBlock) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// Token-level relative error of (layer l, kind c) over all heads.
+double TokenRelError(const KvShape& s, const std::vector<float>& x, const std::vector<float>& y,
+                     int l, int c, int t) {
+  double e = 0, r = 0;
+  for (int h = 0; h < s.kv_heads; ++h) {
+    for (int d = 0; d < s.head_dim; ++d) {
+      const int64_t i = s.Offset(l, c, t, h) + d;
+      e += double(x[i] - y[i]) * (x[i] - y[i]);
+      r += double(x[i]) * x[i];
+    }
+  }
+  return e / r;
+}
+
+std::unique_ptr<Codec> RvqWithOutliers(std::shared_ptr<const Codebook> cb, int outliers) {
+  CodecSpec spec;
+  spec.name = "rvq";
+  spec.sink_tokens = 0;
+  spec.outliers = outliers;
+  spec.codebook = std::move(cb);
+  auto codec = CreateCodec(spec);
+  EXPECT_TRUE(codec.ok()) << codec.status();
+  return std::move(*codec);
+}
+
+TEST(RvqCodecTest, OutliersCorrectTheWorstCodedTokens) {
+  // Tokens shrunk 100x (like attention sinks: rare, small-norm vectors) are coded badly by
+  // codebooks fitted on the bulk; outliers=2 stores their residual as int8 and nothing else.
+  const KvShape s{2, 64, 2, 16};
+  auto x = testing::RandomKv(s, 21);
+  auto cb = Fit(s, x, {2, 32}, {2, 32});
+  const int planted[2][2] = {{10, 41}, {3, 63}};  // per layer
+  for (int l = 0; l < 2; ++l) {
+    for (int t : planted[l]) {
+      for (int c = 0; c < 2; ++c) {
+        for (int h = 0; h < 2; ++h) {
+          for (int d = 0; d < 16; ++d) x[s.Offset(l, c, t, h) + d] *= 0.01f;
+        }
+      }
+    }
+  }
+  auto plain = RvqWithOutliers(cb, 0);
+  auto with = RvqWithOutliers(cb, 2);
+  std::vector<std::string> a, b;
+  ASSERT_TRUE(plain->Encode({{s, DType::kF32, x.data(), 0}}, &a).ok());
+  ASSERT_TRUE(with->Encode({{s, DType::kF32, x.data(), 0}}, &b).ok());
+  // Two entries per layer: token index + per (kind, head) fp16 scale and 16 int8 values.
+  EXPECT_EQ(int64_t(b[0].size()), int64_t(a[0].size()) + 2 * 2 * (4 + 2 * 2 * (2 + 16)));
+  EXPECT_EQ(int64_t(b[0].size()), with->PayloadBytes(s, DType::kF32, 0));
+  EXPECT_EQ(0, std::memcmp(a[0].data() + sizeof(PayloadHeader), b[0].data() + sizeof(PayloadHeader),
+                           a[0].size() - sizeof(PayloadHeader)))
+      << "the codes themselves must not change";
+  const auto ya = *plain->DecodeToFloat(a[0]);
+  const auto yb = *with->DecodeToFloat(b[0]);
+  for (int l = 0; l < 2; ++l) {
+    for (int t = 0; t < s.tokens; ++t) {
+      const bool out = t == planted[l][0] || t == planted[l][1];
+      for (int c = 0; c < 2; ++c) {
+        if (out) {
+          EXPECT_GT(TokenRelError(s, x, ya, l, c, t), 0.5) << l << " " << c << " " << t;
+          EXPECT_LT(TokenRelError(s, x, yb, l, c, t), 1e-3) << l << " " << c << " " << t;
+        } else {
+          for (int h = 0; h < 2; ++h) {
+            for (int d = 0; d < 16; ++d) {
+              ASSERT_EQ(ya[s.Offset(l, c, t, h) + d], yb[s.Offset(l, c, t, h) + d]);
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_LT(RelError(x, yb), RelError(x, ya));
+  EXPECT_NE(with->Label().find("+outliers2"), std::string::npos) << with->Label();
+}
+
+TEST(RvqCodecTest, OutlierEntriesAreValidated) {
+  const KvShape s{1, 16, 2, 8};
+  const auto x = testing::RandomKv(s, 22);
+  auto cb = Fit(s, x, {1, 8}, {1, 8});
+  auto with = RvqWithOutliers(cb, 3);
+  std::vector<std::string> out;
+  ASSERT_TRUE(with->Encode({{s, DType::kF32, x.data(), 0}}, &out).ok());
+  const size_t entry = 4 + 2 * 2 * (2 + 8);
+  const size_t first = out[0].size() - 3 * entry;
+  auto set_token = [&](size_t e, int32_t t) {
+    std::string p = out[0];
+    std::memcpy(p.data() + first + e * entry, &t, 4);
+    return p;
+  };
+  int32_t t0, t1;
+  std::memcpy(&t0, out[0].data() + first, 4);
+  std::memcpy(&t1, out[0].data() + first + entry, 4);
+  ASSERT_LT(t0, t1);
+  for (const std::string& bad : {set_token(0, 16), set_token(0, -1), set_token(1, t0)}) {
+    const auto st = with->DecodeToFloat(bad).status();
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+    EXPECT_NE(st.message().find("outlier entry"), absl::string_view::npos) << st;
+  }
+  std::string nan_scale = out[0];
+  const uint16_t inf = 0x7c00;
+  std::memcpy(nan_scale.data() + first + 4, &inf, 2);
+  EXPECT_EQ(with->DecodeToFloat(nan_scale).status().code(), absl::StatusCode::kInvalidArgument);
+  // Another outlier count cannot read it; the spec string carries the setting.
+  EXPECT_EQ(RvqWithOutliers(cb, 0)->DecodeToFloat(out[0]).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto spec = ParseCodecSpec("rvq:beam=2,outliers=3");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->outliers, 3);
+  EXPECT_EQ(CodecSpecString(*spec), "rvq:beam=2,sinks=4,outliers=3");
+  spec->outliers = -1;
+  spec->codebook = cb;
+  EXPECT_EQ(CreateCodec(*spec).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(RvqFitTest, SameSeedSameCodebook) {
   const KvShape s{1, 128, 2, 16};
   const auto x = testing::RandomKv(s, 17);

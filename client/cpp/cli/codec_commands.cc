@@ -136,7 +136,7 @@ absl::Status Capture(const Flags& f) {
   const auto stories = SelectPart(m.stories, f.Str("part"));
   if (!stories.ok()) return stories.status();
   const eval::Corpus corpus =
-      eval::BuildCorpus(m.tokenizer, *stories, int(max_tokens), 40, int(max_seqs));
+      eval::BuildCorpus(m.tokenizer, *stories, int(max_tokens), 40, int(max_seqs), f.Bool("pack"));
   std::fprintf(stderr, "capturing K/V/Q of %zu sequences (%lld tokens)\n", corpus.seqs.size(),
                (long long)corpus.tokens());
   VQKV_ASSIGN_OR_RETURN(kernels::KvSamples s, eval::CaptureSamples(m.model, corpus));
@@ -155,6 +155,7 @@ int RunCapture(int argc, char** argv) {
            {"part", "first-half", "which stories: first-half, second-half or all"},
            {"max-tokens", "512", "truncate each sequence"},
            {"max-seqs", "0", "at most this many sequences (0: all)"},
+           {"pack", "", "pack consecutive stories into sequences of up to --max-tokens", true},
            {"out", "samples.safetensors", "output file"}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Capture(f);

@@ -2,6 +2,7 @@
 // second half with the real model, print the table (docs/fidelity.md records its output).
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 
 #include "absl/strings/match.h"
@@ -58,6 +59,13 @@ absl::StatusOr<std::vector<int64_t>> ParseContexts(const std::string& s, int64_t
 
 std::string SplitText(const kernels::RvqConfig& c) { return c.ToString(); }
 
+// FNV-1a: a stable hash of the fit settings for --codebook-cache file names.
+uint64_t Fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
 absl::Status Fidelity(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t max_tokens, f.Int("max-tokens"));
   VQKV_ASSIGN_OR_RETURN(int64_t calib_seqs, f.Int("calib-seqs"));
@@ -67,6 +75,14 @@ absl::Status Fidelity(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t sinks, f.Int("sinks"));
   VQKV_ASSIGN_OR_RETURN(int64_t recent, f.Int("recent"));
   VQKV_ASSIGN_OR_RETURN(int64_t beam, f.Int("beam"));
+  std::vector<int> outlier_counts;
+  for (absl::string_view o : absl::StrSplit(f.Str("outliers"), ',', absl::SkipEmpty())) {
+    int n = 0;
+    if (!absl::SimpleAtoi(o, &n) || n < 0 || n > 4096) {
+      return absl::InvalidArgumentError("--outliers must be counts in [0, 4096], e.g. 1,2");
+    }
+    if (n > 0) outlier_counts.push_back(n);
+  }
   VQKV_ASSIGN_OR_RETURN(int64_t eval_tokens, f.Int("eval-tokens"));
   double calib_fraction = 0;
   if (!absl::SimpleAtod(f.Str("calib-fraction"), &calib_fraction) || calib_fraction <= 0 ||
@@ -243,6 +259,8 @@ absl::Status Fidelity(const Flags& f) {
   std::vector<Candidate> cands = {{"raw", "", nullptr, "raw"},
                                   {"scalar-2", "", nullptr, "scalar-2"},
                                   {"scalar-4", "", nullptr, "scalar-4"}};
+  const bool baselines = f.Bool("baselines");
+  if (!baselines) cands.resize(1);
   // Every code space gets its own fit, paper split and `fit --bits` rows.
   for (const std::string& space : code_spaces) {
     kernels::FitOptions sfo = fo;
@@ -256,9 +274,42 @@ absl::Status Fidelity(const Flags& f) {
       VQKV_ASSIGN_OR_RETURN(sfo.code_space, kernels::ComputeCodeSpace(fit_set, cso));
     }
     const std::string tag = space == "none" ? "" : absl::StrCat(" [", space, "]");
+    // --codebook-cache: a fit is a pure function of the samples and settings below, so a run
+    // with the same ones loads it instead of fitting again (the slow step on a small machine).
+    const std::string cache_key =
+        absl::StrCat(setup.ok() ? setup->model_dir : "synthetic", "|", f.Str("text"), "|",
+                     calib_fraction, "|", max_tokens, "|", calib_seqs, "|", pack, "|",
+                     full_cfg.ToString(), "|", full_cfg.per_head, "|", iters, "|", max_vectors, "|",
+                     space, "|", scale_exponent, "|", holdout, "|", fit_set.tokens(0));
+    auto cached = [&](const std::string& stage) {
+      return f.Str("codebook-cache").empty()
+                 ? std::string()
+                 : absl::StrCat(f.Str("codebook-cache"), "/", stage, "-",
+                                absl::Hex(Fnv1a(absl::StrCat(cache_key, "|", stage))),
+                                ".safetensors");
+    };
+    auto fit_or_load = [&](const std::string& stage, const kernels::KvSamples& samples,
+                           ProgressBar* bar) -> absl::StatusOr<kernels::Codebook> {
+      const std::string path = cached(stage);
+      if (!path.empty() && std::filesystem::exists(path)) {
+        auto cb = kernels::Codebook::Load(path);
+        if (cb.ok()) {
+          std::fprintf(stderr, "%s: loaded %s (--codebook-cache)\n", stage.c_str(), path.c_str());
+          return cb;
+        }
+        std::fprintf(stderr, "%s: ignoring %s: %s\n", stage.c_str(), path.c_str(),
+                     std::string(cb.status().message()).c_str());
+      }
+      sfo.progress = [&](int64_t d, int64_t, const std::string& w) { bar->Update(d, w); };
+      VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::FitCodebook(full_cfg, samples, sfo));
+      if (!path.empty()) {
+        std::filesystem::create_directories(f.Str("codebook-cache"));
+        VQKV_RETURN_IF_ERROR(WriteStringToFile(path, cb.Serialize()));
+      }
+      return cb;
+    };
     ProgressBar bar(absl::StrCat("fit", tag), steps);
-    sfo.progress = [&](int64_t d, int64_t, const std::string& w) { bar.Update(d, w); };
-    VQKV_ASSIGN_OR_RETURN(kernels::Codebook full, kernels::FitCodebook(full_cfg, fit_set, sfo));
+    VQKV_ASSIGN_OR_RETURN(kernels::Codebook full, fit_or_load("fit", fit_set, &bar));
     bar.Finish(absl::StrCat("fitted ", full_cfg.ToString(), " on ", fit_set.tokens(0),
                             " tokens, code space ", full.code_space().DebugString()));
     kernels::SplitErrors split_errors;
@@ -282,26 +333,35 @@ absl::Status Fidelity(const Flags& f) {
       // The splits are chosen; fit again on every calibration sequence (the same stage-wise
       // k-means: each chosen split is a prefix of this codebook too).
       ProgressBar rbar(absl::StrCat("refit on all", tag), steps);
-      sfo.progress = [&](int64_t d, int64_t, const std::string& w) { rbar.Update(d, w); };
-      VQKV_ASSIGN_OR_RETURN(full, kernels::FitCodebook(full_cfg, calib, sfo));
+      VQKV_ASSIGN_OR_RETURN(full, fit_or_load("refit", calib, &rbar));
       rbar.Finish(absl::StrCat("refitted on ", calib.tokens(0), " tokens"));
     }
     const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads, calib.head_dim,
                                                        pk, pv, f.Bool("per-head"));
     VQKV_ASSIGN_OR_RETURN(kernels::Codebook paper_cb, kernels::TruncateCodebook(full, paper_cfg));
-    cands.push_back({absl::StrCat("rvq paper split", tag),
-                     absl::StrCat("paper: ", SplitText(paper_cfg)),
-                     std::make_shared<const kernels::Codebook>(std::move(paper_cb)), "rvq"});
+    if (baselines) {
+      cands.push_back({absl::StrCat("rvq paper split", tag),
+                       absl::StrCat("paper: ", SplitText(paper_cfg)),
+                       std::make_shared<const kernels::Codebook>(std::move(paper_cb)), "rvq"});
+    }
     for (size_t bi = 0; bi < budgets.size(); ++bi) {
       VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, chosen[bi]));
       cands.push_back({absl::StrCat("rvq fit --bits ", budgets[bi], tag),
                        absl::StrCat("chosen: ", SplitText(chosen[bi])),
                        std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq"});
     }
+    // The last `fit --bits` row again with beam search and/or outlier tokens.
     if (beam > 1) {
       Candidate c = cands.back();
-      c.name += " beam";
+      c.name += absl::StrCat(" beam ", beam);
       c.spec = absl::StrCat("rvq:beam=", beam);
+      cands.push_back(c);
+    }
+    const Candidate base = cands.back();
+    for (int n : outlier_counts) {
+      Candidate c = base;
+      c.name += absl::StrCat(" outliers ", n);
+      c.spec = absl::StrCat("rvq:beam=", beam, ",outliers=", n);
       cands.push_back(c);
     }
   }
@@ -421,6 +481,17 @@ int RunFidelity(int argc, char** argv) {
             "none,rope,rope+kscale"},
            {"scale-exponent", "1", "channel weights are energy^(exponent/2)"},
            {"beam", "1", "> 1 adds the last rvq row again with beam search of this width"},
+           {"outliers", "",
+            "comma-separated counts: each adds the last rvq row again with this many outlier "
+            "tokens per block and layer (their residual stored as int8; see "
+            "CodecSpec::outliers)"},
+           {"baselines", "true",
+            "evaluate scalar-2, scalar-4 and the paper split too (--baselines=false: raw and the "
+            "chosen rvq rows only, for quicker comparisons)",
+            true},
+           {"codebook-cache", "",
+            "folder: save each fit there and load it in a later run with the same samples and "
+            "settings instead of fitting again"},
            {"markdown", "", "also write the table to this file"}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Fidelity(f);
