@@ -28,17 +28,32 @@ struct Candidate {
   std::string name, split;
   std::shared_ptr<const kernels::Codebook> codebook;  // rvq only
   std::string spec;                                   // codec spec text
+  int64_t context = 0;                                // evaluated at this context only (0: all)
 };
 
-absl::StatusOr<std::vector<double>> ParseBudgets(const std::string& s) {
-  std::vector<double> out;
+// A `fit --bits` budget, for every evaluation context or (CTX:BITS) for one.
+struct Budget {
+  double bits = 0;
+  int64_t context = 0;
+};
+
+absl::StatusOr<std::vector<Budget>> ParseBudgets(const std::string& s) {
+  std::vector<Budget> out;
   for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
-    double v;
-    if (!absl::SimpleAtod(p, &v) || v <= 0 || v > 16) {
+    Budget b;
+    absl::string_view bits = p;
+    if (const size_t colon = p.find(':'); colon != absl::string_view::npos) {
+      if (!absl::SimpleAtoi(p.substr(0, colon), &b.context) || b.context < 64) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--budgets: '", std::string(p), "': CONTEXT:BITS needs a context >= 64"));
+      }
+      bits = p.substr(colon + 1);
+    }
+    if (!absl::SimpleAtod(bits, &b.bits) || b.bits <= 0 || b.bits > 16) {
       return absl::InvalidArgumentError(
           absl::StrCat("--budgets: '", std::string(p), "' is not a number in (0, 16]"));
     }
-    out.push_back(v);
+    out.push_back(b);
   }
   return out;
 }
@@ -99,7 +114,7 @@ absl::Status Fidelity(const Flags& f) {
       return absl::InvalidArgumentError("--max-stages must be K,V stage counts >= 1, e.g. 32,16");
     }
   }
-  VQKV_ASSIGN_OR_RETURN(std::vector<double> budgets, ParseBudgets(f.Str("budgets")));
+  VQKV_ASSIGN_OR_RETURN(std::vector<Budget> budgets, ParseBudgets(f.Str("budgets")));
   VQKV_ASSIGN_OR_RETURN(std::vector<int64_t> contexts,
                         ParseContexts(f.Str("contexts"), max_tokens));
   if (eval_tokens < 0 || attn_queries < 0) {
@@ -212,7 +227,7 @@ absl::Status Fidelity(const Flags& f) {
   }
   // One codebook with the most stages any candidate uses; every candidate is a prefix of it.
   double max_budget = 0;
-  for (double b : budgets) max_budget = std::max(max_budget, b);
+  for (const Budget& b : budgets) max_budget = std::max(max_budget, b.bits);
   kernels::BudgetOptions bo;
   bo.k_size = pk.size;
   bo.v_size = pv.size;
@@ -321,12 +336,12 @@ absl::Status Fidelity(const Flags& f) {
       sbar.Finish();
     }
     std::vector<kernels::RvqConfig> chosen;
-    for (double b : budgets) {
+    for (const Budget& b : budgets) {
       kernels::BudgetOptions ob = bo;
-      ob.bits_per_element = b;
+      ob.bits_per_element = b.bits;
       VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice,
                             kernels::ChooseSplitFromErrors(full_cfg, split_errors, ob));
-      std::fprintf(stderr, "fit --bits %g%s chose:\n%s", b, tag.c_str(), choice.table.c_str());
+      std::fprintf(stderr, "fit --bits %g%s chose:\n%s", b.bits, tag.c_str(), choice.table.c_str());
       chosen.push_back(choice.config);
     }
     if (refit && fit_set.tokens(0) < calib.tokens(0)) {
@@ -346,23 +361,25 @@ absl::Status Fidelity(const Flags& f) {
     }
     for (size_t bi = 0; bi < budgets.size(); ++bi) {
       VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, chosen[bi]));
-      cands.push_back({absl::StrCat("rvq fit --bits ", budgets[bi], tag),
-                       absl::StrCat("chosen: ", SplitText(chosen[bi])),
-                       std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq"});
-    }
-    // The last `fit --bits` row again with beam search and/or outlier tokens.
-    if (beam > 1) {
-      Candidate c = cands.back();
-      c.name += absl::StrCat(" beam ", beam);
-      c.spec = absl::StrCat("rvq:beam=", beam);
-      cands.push_back(c);
-    }
-    const Candidate base = cands.back();
-    for (int n : outlier_counts) {
-      Candidate c = base;
-      c.name += absl::StrCat(" outliers ", n);
-      c.spec = absl::StrCat("rvq:beam=", beam, ",outliers=", n);
-      cands.push_back(c);
+      const Candidate base{absl::StrCat("rvq fit --bits ", budgets[bi].bits, tag),
+                           absl::StrCat("chosen: ", SplitText(chosen[bi])),
+                           std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq",
+                           budgets[bi].context};
+      cands.push_back(base);
+      // The same codebook with beam search and/or outlier tokens (beam alone only without
+      // --outliers).
+      if (beam > 1 && outlier_counts.empty()) {
+        Candidate c = base;
+        c.name += absl::StrCat(" beam ", beam);
+        c.spec = absl::StrCat("rvq:beam=", beam);
+        cands.push_back(c);
+      }
+      for (int n : outlier_counts) {
+        Candidate c = base;
+        c.name += absl::StrCat(beam > 1 ? absl::StrCat(" beam ", beam) : "", " outliers ", n);
+        c.spec = absl::StrCat("rvq:beam=", beam, ",outliers=", n);
+        cands.push_back(c);
+      }
     }
   }
 
@@ -376,6 +393,10 @@ absl::Status Fidelity(const Flags& f) {
       VQKV_ASSIGN_OR_RETURN(ref, eval::ComputeReference(setup->model, eval_corpora[ci]));
     }
     for (size_t i = 0; i < cands.size(); ++i) {
+      if (cands[i].context > 0 && (synthetic || cands[i].context != contexts[ci])) {
+        ebar.Update(int64_t(ci * cands.size() + i) + 1, "");
+        continue;
+      }
       VQKV_ASSIGN_OR_RETURN(kernels::CodecSpec spec, kernels::ParseCodecSpec(cands[i].spec));
       spec.sink_tokens = int(sinks);
       spec.codebook = cands[i].codebook;
@@ -467,7 +488,9 @@ int RunFidelity(int argc, char** argv) {
             "the paper's split (head_dim 128: K 56x1024, V 16x512); auto scales the stages to the "
             "model's head_dim, or give K stages x size, V stages x size"},
            {"budgets", "2.75,2.5",
-            "code budgets (bits/element) for which `fit --bits` chooses a split"},
+            "code budgets (bits/element) for which `fit --bits` chooses a split; CONTEXT:BITS "
+            "evaluates that budget at one --contexts length only (e.g. 512:2.2,8192:2.3: the "
+            "fixed overheads differ with length)"},
            {"iters", "10", "Lloyd iterations per stage"},
            {"max-vectors", "65536", "training vectors per table (subsampled)"},
            {"sinks", "4", "leading tokens kept exact"},
@@ -480,10 +503,12 @@ int RunFidelity(int argc, char** argv) {
             "weighted by the output projection's column norms) joined by '+', e.g. "
             "none,rope,rope+kscale"},
            {"scale-exponent", "1", "channel weights are energy^(exponent/2)"},
-           {"beam", "1", "> 1 adds the last rvq row again with beam search of this width"},
+           {"beam", "1",
+            "> 1: beam search of this width in the --outliers rows, or (without --outliers) a "
+            "beam row after each `fit --bits` row"},
            {"outliers", "",
-            "comma-separated counts: each adds the last rvq row again with this many outlier "
-            "tokens per block and layer (their residual stored as int8; see "
+            "comma-separated counts: each adds every `fit --bits` row again with this many "
+            "outlier tokens per block and layer (their residual stored as int8; see "
             "CodecSpec::outliers)"},
            {"baselines", "true",
             "evaluate scalar-2, scalar-4 and the paper split too (--baselines=false: raw and the "
