@@ -5,7 +5,10 @@
 //   gpu_bench [--tokens=16384] [--decode_tokens=65536] [--scalar_tokens=65536]
 //             [--fit_tokens=65536] [--reps=10] [--block=64] [--skip=ceilings,encode,...]
 //             [--variant=0]   (encode tile configuration of the main encode rows, rvq_kernels.h)
+//             [--compare=10,14 [--rounds=7]]
 // --skip also takes "variants" (the encode tile-variant rows) and "exact" (the fp32 kernel row).
+// --compare: encode variants side by side at --tokens, interleaved: each round times every
+// listed variant (median of 3 calls), in alternating order; reports the median round per variant.
 //
 // Timing: CUDA events around each call (host-side descriptor building included), warm-up
 // first, median of --reps. Data are random (approximately normal with per-channel offsets),
@@ -67,7 +70,9 @@ cudaError_t DMalloc(T** p, size_t bytes) {
 struct Flags {
   int64_t tokens = 16384, decode_tokens = 65536, scalar_tokens = 65536, fit_tokens = 65536;
   int reps = 10, block = 64;
-  int variant = 0;  // encode tile configuration of the main encode rows (0: the default)
+  int variant = 0;           // encode tile configuration of the main encode rows (0: the default)
+  std::vector<int> compare;  // encode variants timed side by side (--compare)
+  int rounds = 7;
   std::string skip;
   bool Skip(const char* what) const { return skip.find(what) != std::string::npos; }
 };
@@ -96,7 +101,15 @@ Flags ParseFlags(int argc, char** argv) {
       f.variant = std::atoi(v);
     else if (const char* v = val("skip"))
       f.skip = v;
-    else {
+    else if (const char* v = val("rounds"))
+      f.rounds = std::max(1, std::atoi(v));
+    else if (const char* v = val("compare")) {
+      for (const char* q = v; *q != 0;) {
+        f.compare.push_back(std::atoi(q));
+        while (*q != 0 && *q != ',') ++q;
+        if (*q == ',') ++q;
+      }
+    } else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       std::exit(2);
     }
@@ -334,8 +347,10 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
           "wgmma sm_90a, 128-row tiles, 2 CTAs/SM, MMA of the next chunk during the epilogue",
           "wgmma sm_90a, 256-row tiles, 1 CTA/SM, MMA of the next chunk during the epilogue",
           "as 8 with TMA chunk loads",
-          "as 9 with TMA chunk loads"};
-      for (int variant = 1; variant <= 11; ++variant) {
+          "as 9 with TMA chunk loads",
+          "ping-pong: 2 warpgroups + TMA producer warp, 128-row tiles, 10-chunk ring",
+          "ping-pong: 3 warpgroups + TMA producer warp, 192-row tiles, 8-chunk ring"};
+      for (int variant = 1; variant <= 13; ++variant) {
         const int rv = kc::RvqEncodeResolvedVariant(cfg.head_dim, variant);
         if (rv != variant) continue;  // not available here (e.g. no sm_90a)
         kc::GpuRvqOptions ov = o;
@@ -596,6 +611,45 @@ void FitBench(const Flags& f, const RvqConfig& cfg) {
   }
 }
 
+// Encode variants side by side at f.tokens in one process: round after round, each variant timed
+// (median of 3 calls), the order reversed every other round so that clock drift during the run
+// falls on all of them alike.
+void CompareBench(const Flags& f, const kc::DeviceCodebook& dcb, cudaStream_t s) {
+  const RvqConfig& cfg = dcb.config();
+  const double fpt = FlopsPerToken(cfg);
+  Batch b = MakeBatch(cfg, f.tokens, f.block, s);
+  const int64_t ncodes = f.tokens * kc::RvqCodesPerToken(cfg, 0, cfg.layers);
+  uint16_t* codes;
+  CK(DMalloc(&codes, size_t(ncodes) * 2));
+  const size_t n = f.compare.size();
+  std::vector<std::vector<double>> ms(n);
+  for (int r = 0; r < f.rounds; ++r) {
+    for (size_t j = 0; j < n; ++j) {
+      const size_t i = r % 2 == 0 ? j : n - 1 - j;
+      kc::GpuRvqOptions o;
+      o.check_finite = false;
+      o.encode_variant = f.compare[i];
+      ms[i].push_back(TimeMs([&] { CKS(kc::RvqEncodeCodes(dcb, b.blocks, codes, s, o)); }, 3, s));
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<double> t = ms[i];
+    std::sort(t.begin(), t.end());
+    const double med = t[t.size() / 2];
+    const int v = f.compare[i];
+    Report(Fmt("rvq encode side by side, variant %.0f, ", double(v)) +
+               Fmt("%.0f tokens", double(f.tokens)),
+           Fmt("%.0f tok/s", f.tokens / (med * 1e-3)) +
+               Fmt(" (%.0f TFLOP/s)", f.tokens / (med * 1e-3) * fpt / 1e12),
+           "-",
+           Fmt("median of %.0f interleaved rounds; ", double(f.rounds)) +
+               Fmt("fastest round %.0f tok/s, ", f.tokens / (t.front() * 1e-3)) +
+               Fmt("slowest %.0f tok/s; ", f.tokens / (t.back() * 1e-3)) +
+               Fmt("resolves to %.0f", double(kc::RvqEncodeResolvedVariant(cfg.head_dim, v))));
+  }
+  CK(cudaFree(codes));
+}
+
 int Main(int argc, char** argv) {
   const Flags f = ParseFlags(argc, argv);
   cudaDeviceProp prop;
@@ -613,7 +667,7 @@ int Main(int argc, char** argv) {
   double copy_tbs = 4.3, l2_tbs = 8.0, mma_tf = 790;
   if (!f.Skip("ceilings")) Ceilings(f, s, &copy_tbs, &l2_tbs, &mma_tf);
   const RvqConfig cfg = RvqConfig::Uniform(32, 8, 128, {56, 1024}, {16, 512});
-  if (!f.Skip("encode") || !f.Skip("decode") || !f.Skip("cublas")) {
+  if (!f.Skip("encode") || !f.Skip("decode") || !f.Skip("cublas") || !f.compare.empty()) {
     const auto t0 = std::chrono::steady_clock::now();
     auto cb = LlamaCodebook(cfg);
     auto dcb = kc::DeviceCodebook::Create(cb);
@@ -621,6 +675,7 @@ int Main(int argc, char** argv) {
     std::printf("codebook ready in %.1f s (%.2f GB fp32)\n",
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                 cfg.CodebookBytes() / 1e9);
+    if (!f.compare.empty()) CompareBench(f, **dcb, s);
     if (!f.Skip("encode")) EncodeBench(f, **dcb, mma_tf, s);
     if (!f.Skip("cublas")) CublasVariantBench(f, *cb, s);
     if (!f.Skip("decode")) DecodeBench(f, **dcb, copy_tbs, l2_tbs, s);

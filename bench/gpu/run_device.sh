@@ -64,7 +64,7 @@ if want profile; then
   sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis --section InstructionStats"
   for what in ${PROFILE_WHAT:-encode decode}; do
     case $what in
-      encode) kern="RvqEncode(Tc|Wgmma|WgmmaPipe)Kernel"; args="--skip=ceilings,decode,cublas,scalar,fit --tokens=1024 --reps=1" ;;
+      encode) kern="RvqEncode(Tc|Wgmma|WgmmaPipe|PingPong)Kernel"; args="--skip=ceilings,decode,cublas,scalar,fit --tokens=1024 --reps=1" ;;
       decode) kern=RvqDecodeKernel; args="--skip=ceilings,encode,cublas,scalar,fit --decode_tokens=4096 --reps=1" ;;
       scalarq) kern="(^|[^e])Quantize[KV]"; args="--skip=ceilings,encode,decode,cublas,fit --scalar_tokens=8192 --reps=1" ;;
       scalard) kern="Dequantize[KV]"; args="--skip=ceilings,encode,decode,cublas,fit --scalar_tokens=8192 --reps=1" ;;

@@ -16,10 +16,12 @@
 //   At a stage's end each warp merges its rows' candidates by shuffles (the best two of 8 lane
 //   classes), rescores those two exactly in fp32 against cb32, updates its own rows' residuals and
 //   writes the codes: no CTA-wide barrier per stage, only one per chunk for the ring.
-// Two kernels: RvqEncodeWgmmaKernel (variants 5-7: MMAs of a chunk, then its epilogue) and
-// RvqEncodeWgmmaPipeKernel (variants 8-11, 10 the default: two accumulator sets per warpgroup, so
-// that the next chunk's MMAs run during this chunk's epilogue; accumulators start from the score
-// offsets; 10/11 load the chunks with TMA). See the comment above PipeCfg.
+// Three kernels: RvqEncodeWgmmaKernel (variants 5-7: MMAs of a chunk, then its epilogue),
+// RvqEncodeWgmmaPipeKernel (variants 8-11: two accumulator sets per warpgroup, so that the next
+// chunk's MMAs run during this chunk's epilogue; accumulators start from the score offsets; 10/11
+// load the chunks with TMA; see the comment above PipeCfg) and RvqEncodePingPongKernel (variants
+// 12/13, 13 the default: independent, staggered warpgroups fed by a TMA producer warp; see the
+// comment above PingCfg).
 #include <cuda.h>
 
 #include <cfloat>
@@ -54,6 +56,7 @@ struct Sm90Cfg {
   static constexpr bool kSplit = SPLIT_;
   static constexpr bool kPipe = false;
   static constexpr bool kTma = false;
+  static constexpr bool kPing = false;
   static constexpr int kAhead = SPLIT_ ? NBUF_ - 2 : NBUF_ - 1;  // chunks prefetched
   static constexpr int kCbBytes = kBN * D_ * 2;                  // one chunk
   static constexpr size_t kCbufBytes = size_t(NBUF_) * kCbBytes;
@@ -612,9 +615,13 @@ struct PipeCfg {
   static constexpr int kVW = D_ / 32;
   static constexpr int kR = R_;
   static constexpr bool kPipe = true;
+  static constexpr bool kPing = false;
   // TMA: one thread loads each chunk with the tensor memory accelerator (128-byte swizzle done by
   // the copy engine) and an mbarrier per ring slot; else every thread issues cp.async pieces.
   static constexpr bool kTma = TMA_;
+  // Threads issuing the cp.async chunk copies: 64 codeword rows per chunk must split into whole
+  // passes (3 warpgroups: the first 256 threads copy).
+  static constexpr int kCopyThreads = WGS_ == 3 ? 256 : WGS_ * 128;
   using Plain = PipeCfg<D_, WGS_, NBUF_, MINB_, R_, false>;
   static constexpr int kCbBytes = kBN * D_ * 2;
   static constexpr int kCbufBytes = NBUF_ * kCbBytes;
@@ -635,7 +642,7 @@ using PipeSmall = PipeCfg<D, 2, (D == 128 ? 3 : 4), 2, (D == 128 ? 4 : 8)>;
 // Variant 9: 256-row tiles, 1 CTA per SM (half the L2 traffic per row), deeper ring.
 template <int D>
 using PipeBig = PipeCfg<D, 4, (D == 128 ? 5 : 6), 1, (D == 128 ? 4 : 8)>;
-// Variants 10 (the default on sm_90) and 11: 8 and 9 with the chunks loaded by TMA.
+// Variants 10 (the default on sm_90 before 13) and 11: 8 and 9 with the chunks loaded by TMA.
 template <int D>
 using PipeSmallTma = PipeCfg<D, 2, (D == 128 ? 3 : 4), 2, (D == 128 ? 4 : 8), true>;
 template <int D>
@@ -694,6 +701,58 @@ __device__ __forceinline__ uint32_t Lop98(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 }
 
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+
+// The warp's 16 input rows into res (fp32, non-finite values as 0; returns whether there were
+// any) with every element load in flight at once: one memory latency per tile, not one per row.
+// my_src: lane l's row (warp row l & 15) as a byte address, 0 past the tile (rows of zeros).
+template <int D, class T>
+__device__ __forceinline__ bool LoadRowsT(uint64_t my_src, float* res, int wrow, int lane) {
+  constexpr int kPer = D / 32;
+  float v[16][kPer];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const uint64_t a = __shfl_sync(0xffffffffu, my_src, i);
+    const T* row = reinterpret_cast<const T*>(a);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) v[i][k] = a != 0 ? ToFloat(__ldg(row + lane + 32 * k)) : 0.f;
+  }
+  bool bad = false;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      float x = v[i][k];
+      if (!isfinite(x)) {
+        bad = true;
+        x = 0.f;
+      }
+      res[ResIdx<D>(wrow + i, lane + 32 * k)] = x;
+    }
+  }
+  return bad;
+}
+template <int D>
+__device__ __forceinline__ bool LoadRows(const RvqEncodeParams& p, float* res, int wrow, int lane,
+                                         int my_seg, int my_r) {
+  uint64_t src = 0;
+  if (my_seg >= 0) {
+    const RvqSegment& sg = p.segments[my_seg];
+    const int64_t esz = p.in_type == ElemType::kF32 ? 4 : 2;
+    src = reinterpret_cast<uint64_t>(sg.in) + uint64_t(int64_t(my_r) * sg.in_row_stride * esz);
+  }
+  switch (p.in_type) {
+    case ElemType::kF16:
+      return LoadRowsT<D, __half>(src, res, wrow, lane);
+    case ElemType::kBF16:
+      return LoadRowsT<D, __nv_bfloat16>(src, res, wrow, lane);
+    default:
+      return LoadRowsT<D, float>(src, res, wrow, lane);
+  }
+}
+
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     RvqEncodeWgmmaPipeKernel(const RvqEncodeParams p, const __grid_constant__ CUtensorMap tmap) {
@@ -719,9 +778,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 
   // ---- copy issue: chunk after chunk of cb16 / cinit into the rings ----
   constexpr int kVecPerRow = D / 8;
-  constexpr int kRowsPerPass = C::kThreads / kVecPerRow;
+  constexpr int kRowsPerPass = C::kCopyThreads / kVecPerRow;
   constexpr int kPasses = C::kBN / kRowsPerPass;
-  static_assert(C::kThreads % kVecPerRow == 0 && kRowsPerPass % 8 == 0 && kPasses >= 1 &&
+  static_assert(C::kCopyThreads % kVecPerRow == 0 && kRowsPerPass % 8 == 0 && kPasses >= 1 &&
                     C::kBN % kRowsPerPass == 0,
                 "copy passes must keep the swizzle phase");
   static_assert(kPasses == 1 || kPasses == 2 || kPasses == 4, "copy passes");
@@ -757,7 +816,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         iss_buf = iss_buf + 1 == C::kNBUF ? 0 : iss_buf + 1;
       }
     } else {
-      if (iss_left > 0) {
+      if (iss_left > 0 && (C::kCopyThreads == C::kThreads || tid < C::kCopyThreads)) {
         // Pass i: rows + i * kRowsPerPass (immediate offsets on both addresses).
         constexpr int kDs = kRowsPerPass * 128, kSs = kRowsPerPass * D * 2;
         const uint32_t dst = cp_dst + iss_b;
@@ -1160,9 +1219,494 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
   if constexpr (!C::kTma) CpAsyncWait<0>();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Variants 12 and 13: ping-pong warpgroups. Profiles of variants 8-11 show the per-stage rescore,
+// residual update and A rebuild (a third of the instructions, latency-bound: shuffles and L2
+// loads) running with none of that warpgroup's MMAs in flight, the two warpgroups of a CTA in
+// lockstep (one CTA barrier per chunk), and each warpgroup's next MMAs issued only after its
+// previous ones completed. Here:
+//  - one CTA per SM: WGS consumer warpgroups of 64 rows each plus one producer warp that alone
+//    issues the TMA loads into a deep ring (full and empty mbarrier per slot); no CTA barrier
+//    after the setup, so the warpgroups run independently, bounded only by the ring;
+//  - warpgroup w + 1 starts a fixed number of chunks after warpgroup w, so that their stage ends
+//    fall at different times and each one's rescore runs while the others' MMAs keep the tensor
+//    cores busy (as FlashAttention-3 overlaps one warpgroup's softmax with another's GEMMs);
+//  - a warpgroup issues chunk k+1's MMAs before it waits for chunk k's (wgmma.wait_group 1), so
+//    the tensor cores always hold its next chunk during an epilogue;
+//  - the input rows are loaded with all loads in flight at once (LoadRows);
+//  - with the register room of variant 12 (one CTA of 2 warpgroups per SM), the rescore issues
+//    the candidate codeword loads of more row batches before the first batch's arithmetic.
+// The epilogue, stage end and codes are those of variants 8-11 (identical codes). Measured on the
+// H200 (docs/benchmarks-gpu.md): 3 warpgroups (13) beat variant 10 by about 3%; 2 (12) lose to
+// it (8 warps per SM hide too little latency); so did, measured and dropped: waiting for chunk
+// k's MMAs before issuing k+1's, loading k+2's offsets early (spills at 128 registers), no
+// producer warp (the last-started warpgroup refilling the ring, 168 registers), 4 warpgroups
+// without a producer, and in variant 10 late TMA issue, LoadRows and a per-slot release counter
+// instead of the CTA barrier.
+template <int D_, int WGS_, int NBUF_, int AHEAD_>
+struct PingCfg {
+  static constexpr int kD = D_;
+  static constexpr int kWGS = WGS_;  // consumer warpgroups
+  static constexpr int kBM = WGS_ * 64;
+  static constexpr int kBN = kRvqChunk;
+  static constexpr int kNBUF = NBUF_;
+  static constexpr int kConsumerThreads = WGS_ * 128;
+  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
+  static constexpr int kKS = D_ / 16;
+  static constexpr int kVW = D_ / 32;
+  static constexpr int kR = D_ == 128 ? 4 : 8;
+  // Rescore batches whose codeword loads are in flight before a batch's arithmetic.
+  static constexpr int kAhead = AHEAD_;
+  static constexpr bool kPipe = false;
+  static constexpr bool kTma = true;
+  static constexpr bool kPing = true;
+  // Without the tensor-map view of the tables (e.g. the k-means fit's scratch tables): the same
+  // tiles on the cp.async kernel of variant 8 (2 warpgroups: variant 8 itself; 3: one CTA per SM).
+  using Plain = PipeCfg<D_, WGS_, (D_ == 128 ? 3 : 4), (WGS_ == 2 ? 2 : 1), (D_ == 128 ? 4 : 8)>;
+  static constexpr int kCbBytes = kBN * D_ * 2;
+  static constexpr int kCbufBytes = NBUF_ * kCbBytes;
+  static constexpr int kResBytes = kBM * D_ * 4;
+  static constexpr int kCiFloats = NBUF_ * kBN;
+  // Shared memory: B ring | residuals | offsets ring | full[NBUF] | empty[NBUF] | go[WGS].
+  static constexpr size_t kBarOffset = size_t(kCbufBytes) + kResBytes + kCiFloats * 4;
+  static constexpr size_t kSmem = kBarOffset + (2 * NBUF_ + WGS_) * 8;
+  static_assert(D_ % 64 == 0 && D_ <= 128, "wgmma path: head_dim 64 or 128");
+  static_assert(kBN == 64, "chunk of 64 codewords (one m64n64 accumulator)");
+  static_assert(NBUF_ >= 3 && NBUF_ <= 32, "ring slots (one parity bit each)");
+  // 227 KB of shared memory per CTA at most (228 KB per SM, 1 KB of it reserved per CTA).
+  static_assert(kSmem <= 232448, "shared memory");
+};
+// Variant 12: 2 consumer warpgroups (128-row tiles, up to 168 registers per thread), 10-chunk
+// ring, rescore codeword loads two batches ahead.
+template <int D>
+using PingTwo = PingCfg<D, 2, (D == 128 ? 10 : 16), 2>;
+// Variant 13: 3 consumer warpgroups (192-row tiles, 2/3 of the L2 traffic per row; 128 registers
+// per thread), 8-chunk ring.
+template <int D>
+using PingThree = PingCfg<D, 3, (D == 128 ? 8 : 16), (D == 128 ? 1 : 2)>;
+
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1)
+    RvqEncodePingPongKernel(const RvqEncodeParams p, const __grid_constant__ CUtensorMap tmap) {
+  constexpr int D = C::kD;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned char* cbuf = smem;
+  float* res = reinterpret_cast<float*>(smem + C::kCbufBytes);
+  float* cibuf = reinterpret_cast<float*>(smem + C::kCbufBytes + C::kResBytes);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wg = warp >> 2;  // consumer warpgroup (kWGS: the producer warp)
+  const int g = lane >> 2;
+  const int q = lane & 3;
+  const int wrow = warp * 16;
+
+  const RvqTile tile = p.tiles[blockIdx.x];
+  const RvqDeviceTable tab = p.tables[tile.table];
+  const uint32_t idx_mask = static_cast<uint32_t>(tab.size_pad - 1);
+  const uint32_t hi_mask = idx_mask & ~63u;  // index bits above the in-chunk 6
+  const uint32_t cb_base = SmemAddr(cbuf);
+  if ((cb_base & 1023u) != 0) __trap();
+  const int nchunks = tab.size_pad / C::kBN;
+  const int total = tab.stages * nchunks;
+  const uint32_t full0 = SmemAddr(smem + C::kBarOffset);  // full barrier of slot b at +8b
+  const uint32_t empty0 = full0 + 8 * C::kNBUF;
+  const uint32_t go0 = empty0 + 8 * C::kNBUF;  // go[w]: warpgroup w may start
+
+  // Chunk k of the table (stage-major) into ring slot s, by one thread.
+  const int row0 = static_cast<int>((tab.cb16 - p.cb16_base) / D);  // tensor-map row of codeword 0
+  auto load_chunk = [&](int k, int s) {
+    const uint32_t bar = full0 + 8 * s;
+    MbarExpectTx(bar, C::kCbBytes + C::kBN * 4);
+#pragma unroll
+    for (int pi = 0; pi < D / 64; ++pi) {
+      TmaLoad2d(cb_base + s * C::kCbBytes + pi * (C::kBN * 128), &tmap, pi * 64, row0 + k * C::kBN,
+                bar);
+    }
+    BulkLoad(SmemAddr(cibuf) + s * (C::kBN * 4), tab.cinit + int64_t(k) * C::kBN, C::kBN * 4, bar);
+  };
+  if (tid == 0) {
+#pragma unroll
+    for (int b = 0; b < C::kNBUF; ++b) {
+      MbarInit(full0 + 8 * b, 1);
+      MbarInit(empty0 + 8 * b, C::kConsumerThreads / 32);  // one arrival per consumer warp
+    }
+#pragma unroll
+    for (int w = 0; w < C::kWGS; ++w) MbarInit(go0 + 8 * w, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    FenceProxyAsync();
+  }
+  __syncthreads();  // the only CTA barrier: the roles below never wait for each other's threads
+
+  // ---- producer warp: chunk after chunk of cb16 / cinit into the ring, each slot once all
+  // consumer warps released it ----
+  if (wg == C::kWGS) {
+    if (lane == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap))
+                   : "memory");
+      int s = 0;
+      uint32_t eph = 0;  // bit s: parity of slot s's next release
+      for (int k = 0; k < total; ++k) {
+        if (k >= C::kNBUF) {
+          MbarWait(empty0 + 8 * s, (eph >> s) & 1u);
+          eph ^= 1u << s;
+          // The consumers read the slot's offsets with ordinary loads (before their release):
+          // order those before the copy engine's writes.
+          FenceProxyAsync();
+        }
+        load_chunk(k, s);
+        s = s + 1 == C::kNBUF ? 0 : s + 1;
+      }
+    }
+    return;
+  }
+
+  // ---- rows: (segment, row, code base) of warp row lane & 15; fp32 residuals in smem ----
+  const int my_row = wrow + (lane & 15);
+  const bool my_valid = my_row < tile.rows;
+  int my_seg = -1, my_r = 0;
+  int64_t my_code = 0;
+  if (my_valid) {
+    int s = tile.segment;
+    int r = tile.row + my_row;
+    while (r >= p.segments[s].rows) {
+      r -= p.segments[s].rows;
+      ++s;
+    }
+    my_seg = s;
+    my_r = r;
+    my_code = p.segments[s].code_offset + int64_t(r) * p.segments[s].code_row_stride;
+  }
+  const bool bad = LoadRows<D>(p, res, wrow, lane, my_seg, my_r);
+  if (bad && p.error_flag != nullptr) *p.error_flag = 1;
+  __syncwarp();
+
+  uint32_t a[C::kKS][4];
+  auto build_a = [&](int stage) {
+    const float sc = tab.scale[stage];
+    const int r0 = wrow + g, r1 = r0 + 8;
+#pragma unroll
+    for (int ks = 0; ks < C::kKS; ++ks) {
+      const int k0 = ks * 16 + 2 * q;
+      const float2 v00 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r0, k0));
+      const float2 v10 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r1, k0));
+      const float2 v01 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r0, k0 + 8));
+      const float2 v11 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r1, k0 + 8));
+      a[ks][0] = Half2Sat(sc * v00.x, sc * v00.y);
+      a[ks][1] = Half2Sat(sc * v10.x, sc * v10.y);
+      a[ks][2] = Half2Sat(sc * v01.x, sc * v01.y);
+      a[ks][3] = Half2Sat(sc * v11.x, sc * v11.y);
+    }
+  };
+  build_a(0);
+
+  // wgmma B descriptors: low word = (address >> 4) | LBO 16 B; high word: SBO 1024 B, 128B swizzle.
+  const uint32_t desc_lo0 = ((cb_base & 0x3FFFFu) >> 4) | (1u << 16);
+  // acc starts from the chunk's score offsets (ci_init), so every k step accumulates.
+  auto mma = [&](float(&acc)[32], uint32_t boff) {
+    const uint32_t lo = desc_lo0 + (boff >> 4);
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < C::kKS; ++ks) {
+      const uint64_t desc =
+          (uint64_t(0x40000040u) << 32) | (lo + (ks >> 2) * (C::kBN * 128 / 16) + (ks & 3) * 2);
+      Wgmma64x64<false>(acc, a[ks], desc);
+    }
+    WgmmaCommit();
+  };
+  // Accumulator (row g | g + 8, column 8j + 2q + parity) := offset of that column.
+  // Loaded twice (rows g and g + 8) rather than copied: loads straight into the accumulators.
+  auto ci_init = [&](float(&acc)[32], const float* csm) {
+    const uint32_t a0 = SmemAddr(csm + 2 * q);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        asm volatile("ld.volatile.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(acc[4 * j + 2 * h]), "=f"(acc[4 * j + 2 * h + 1])
+                     : "r"(a0 + 32 * j));
+      }
+    }
+  };
+
+  // In-chunk index bits (reversed: 63 - column): bits 1-2 from q (a register, markers at bits 0
+  // and 3-5), bits 0 and 3-5 from the accumulator position (immediates, markers at bits 1-2).
+  const uint32_t qbits = 0x39u | (static_cast<uint32_t>(3 - q) << 1);
+  float m[4];
+  auto epilogue = [&](const float(&acc)[32], int col0) {
+    float mc[4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t ce = 0x06u | (static_cast<uint32_t>(7 - j) << 3) | 1u;  // even column
+      const uint32_t co = 0x06u | (static_cast<uint32_t>(7 - j) << 3);       // odd column
+      const float k0 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 0]), qbits, ce));
+      const float k1 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 1]), qbits, co));
+      const float k2 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 2]), qbits, ce));
+      const float k3 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 3]), qbits, co));
+      if (j == 0) {
+        mc[0] = k0;
+        mc[1] = k1;
+        mc[2] = k2;
+        mc[3] = k3;
+      } else {
+        mc[0] = fmaxf(mc[0], k0);
+        mc[1] = fmaxf(mc[1], k1);
+        mc[2] = fmaxf(mc[2], k2);
+        mc[3] = fmaxf(mc[3], k3);
+      }
+    }
+    const uint32_t cbits = (idx_mask ^ static_cast<uint32_t>(col0)) & hi_mask;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      m[i] = fmaxf(m[i], __uint_as_float((__float_as_uint(mc[i]) & ~hi_mask) | cbits));
+    }
+  };
+
+  float acc0[32], acc1[32];
+  int slot = 0;        // ring slot of this warpgroup's next chunk
+  uint32_t phase = 0;  // bit b: parity of slot b's next completion
+  int done = 0;        // chunks this warpgroup released
+  // Warpgroup wg + 1 starts once this one released `lag` chunks: about 1/WGS of a stage, at most
+  // NBUF - 5 (the leader keeps chunks in flight and the TMA loads ahead without waiting for the
+  // laggard's releases); at most NBUF - 1 in any case, so that no release of the waiting
+  // warpgroup is needed before it starts.
+  const int lag = max(1, min(C::kNBUF - 5, nchunks / C::kWGS));
+  const int go_at = wg + 1 < C::kWGS ? min(lag, total) - 1 : -1;
+  auto acquire = [&]() {
+    const int s = slot;
+    MbarWait(full0 + 8 * s, (phase >> s) & 1u);
+    phase ^= 1u << s;
+    slot = s + 1 == C::kNBUF ? 0 : s + 1;
+    return s;
+  };
+  // After this warp's wgmma on slot s completed: the producer may refill it. The warp barrier
+  // orders every lane's loads of the slot's offsets before lane 0's arrival (release).
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) {
+      MbarArrive(empty0 + 8 * s);
+      if (done == go_at && (warp & 3) == 0) MbarArrive(go0 + 8 * (wg + 1));
+    }
+    ++done;
+  };
+  int s_cur = 0;  // slot of the chunk whose MMAs are in flight in cur
+  int col0 = 0;   // its first column within the stage
+  // One chunk: the next chunk's MMAs go into nxt before cur's are waited for; cur is reduced
+  // while nxt's run.
+  auto step = [&](float(&cur)[32], float(&nxt)[32], auto next_tag) {
+    constexpr bool kNext = decltype(next_tag)::value;
+    if constexpr (kNext) {
+      const int s_nxt = acquire();
+      ci_init(nxt, cibuf + s_nxt * C::kBN);
+      mma(nxt, s_nxt * C::kCbBytes);
+      WgmmaWait<1>();
+#pragma unroll
+      for (int i = 0; i < 32; ++i) FenceReg(cur[i]);
+      release(s_cur);
+      s_cur = s_nxt;
+    } else {
+      WgmmaWait<0>();
+#pragma unroll
+      for (int i = 0; i < 32; ++i) FenceReg(cur[i]);
+      release(s_cur);
+    }
+    epilogue(cur, col0);
+    col0 += C::kBN;
+  };
+  using V = typename std::conditional<C::kVW == 4, float4, float2>::type;
+  constexpr int kShift = C::kR == 4 ? 3 : 2;  // lane l ends up with batch row l >> kShift
+  constexpr int kNB = 16 / C::kR;             // rescore batches per warp
+  // At a stage's end (per warp, no CTA barrier): the best two candidates of each row, rescored
+  // exactly in fp32; residuals updated, codes written. kLast: also |r|^2 and the aux outputs.
+  // Rows past the tile carry codeword 0 along (their residuals stay finite and are never stored).
+  auto stage_end = [&](int stage, auto last_tag) {
+    constexpr bool kLast = decltype(last_tag)::value;
+    const int myrow = lane >> kShift;
+    float c1[2], c2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      c1[h] = fmaxf(m[2 * h], m[2 * h + 1]);
+      c2[h] = fminf(m[2 * h], m[2 * h + 1]);
+#pragma unroll
+      for (int o = 1; o <= 2; o <<= 1) {
+        const float o1 = __shfl_xor_sync(0xffffffffu, c1[h], o);
+        const float o2 = __shfl_xor_sync(0xffffffffu, c2[h], o);
+        Top2Merge(c1[h], c2[h], o1, o2);
+      }
+    }
+    const char* cb32 =
+        reinterpret_cast<const char*>(tab.cb32 + int64_t(stage) * tab.size * D) + lane * sizeof(V);
+    const float* norms = tab.norms + int64_t(stage) * tab.size;
+    // Rows wrow + g (h = 0) and wrow + g + 8 (h = 1): candidates j1, j2 as byte offsets of their
+    // codewords (j2 == j1 when there is no second one; rows past the tile and impossible indices
+    // read codeword 0) and their norms.
+    uint32_t o1[2], o2[2];
+    float n1[2], n2[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const bool valid = wrow + g + 8 * h < tile.rows;
+      uint32_t j1 = (__float_as_uint(c1[h]) & idx_mask) ^ idx_mask;
+      uint32_t j2 = (__float_as_uint(c2[h]) & idx_mask) ^ idx_mask;
+      if (!valid || j1 >= static_cast<uint32_t>(tab.size)) j1 = 0;
+      if (!valid || j2 >= static_cast<uint32_t>(tab.size)) j2 = j1;
+      o1[h] = j1 * (D * 4);
+      o2[h] = j2 * (D * 4);
+      n1[h] = __ldg(norms + j1);
+      n2[h] = __ldg(norms + j2);
+    }
+    // Codewords of kAhead batches in flight before the first one's arithmetic (1 in 8-11).
+    constexpr int kVB = C::kAhead + 1 < kNB ? C::kAhead + 1 : kNB;
+    V v1[kVB][C::kR], v2[kVB][C::kR];
+    uint32_t win = 0;  // lanes 0-15: the code of warp row lane
+    auto load = [&](int i0, V(&w1)[C::kR], V(&w2)[C::kR]) {
+#pragma unroll
+      for (int r = 0; r < C::kR; ++r) {
+        const int i = i0 + r;
+        const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
+        const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
+        w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
+        w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
+      }
+    };
+#pragma unroll
+    for (int b = 0; b < C::kAhead && b < kNB; ++b) load(b * C::kR, v1[b % kVB], v2[b % kVB]);
+#pragma unroll
+    for (int b = 0; b < kNB; ++b) {
+      const int i0 = b * C::kR;
+      if (b + C::kAhead < kNB) {
+        load((b + C::kAhead) * C::kR, v1[(b + C::kAhead) % kVB], v2[(b + C::kAhead) % kVB]);
+      }
+      const V(&w1)[C::kR] = v1[b % kVB];
+      const V(&w2)[C::kR] = v2[b % kVB];
+      V rv[C::kR];
+      float s1[C::kR], s2[C::kR], sr[C::kR];
+#pragma unroll
+      for (int r = 0; r < C::kR; ++r) {
+        rv[r] = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i0 + r, lane * C::kVW));
+        // Same operation order as variants 5-7 (fma from +0, then the reduce-scatter tree).
+        s1[r] = fmaf(rv[r].x, w1[r].x, 0.f);
+        s1[r] = fmaf(rv[r].y, w1[r].y, s1[r]);
+        s2[r] = fmaf(rv[r].x, w2[r].x, 0.f);
+        s2[r] = fmaf(rv[r].y, w2[r].y, s2[r]);
+        if constexpr (kLast) {
+          sr[r] = fmaf(rv[r].x, rv[r].x, 0.f);
+          sr[r] = fmaf(rv[r].y, rv[r].y, sr[r]);
+        }
+        if constexpr (C::kVW == 4) {
+          s1[r] = fmaf(rv[r].z, w1[r].z, s1[r]);
+          s1[r] = fmaf(rv[r].w, w1[r].w, s1[r]);
+          s2[r] = fmaf(rv[r].z, w2[r].z, s2[r]);
+          s2[r] = fmaf(rv[r].w, w2[r].w, s2[r]);
+          if constexpr (kLast) {
+            sr[r] = fmaf(rv[r].z, rv[r].z, sr[r]);
+            sr[r] = fmaf(rv[r].w, rv[r].w, sr[r]);
+          }
+        }
+      }
+      const float p1 = ReduceScatter<C::kR>(s1, lane);
+      const float p2 = ReduceScatter<C::kR>(s2, lane);
+      const int mi = i0 + myrow;  // this lane's batch row (warp row)
+      const int src = (mi & 7) * 4;
+      const uint32_t mo1 = __shfl_sync(0xffffffffu, o1[i0 >> 3], src);
+      const uint32_t mo2 = __shfl_sync(0xffffffffu, o2[i0 >> 3], src);
+      const float nn1 = __shfl_sync(0xffffffffu, n1[i0 >> 3], src);
+      const float nn2 = __shfl_sync(0xffffffffu, n2[i0 >> 3], src);
+      const float d1 = nn1 - 2.f * p1;
+      const float d2 = nn2 - 2.f * p2;
+      // Byte offsets order as indices: ties to the lower index.
+      const bool take2 = mo2 != mo1 && (d2 < d1 || (d2 == d1 && mo2 < mo1));
+      const uint32_t take2_mask = __ballot_sync(0xffffffffu, take2);
+      const uint32_t mwin = (take2 ? mo2 : mo1) / (D * 4);
+      // Lane l (l in [i0, i0 + R)) takes row l's code from that row's leader lane.
+      const uint32_t w = __shfl_sync(0xffffffffu, mwin, ((lane - i0) & (C::kR - 1)) << kShift);
+      if (lane >= i0 && lane < i0 + C::kR) win = w;
+      if constexpr (kLast) {
+        const float pr = ReduceScatter<C::kR>(sr, lane);
+        const int seg = __shfl_sync(0xffffffffu, my_seg, mi);
+        const int srow = __shfl_sync(0xffffffffu, my_r, mi);
+        const bool leader = (lane & ((1 << kShift) - 1)) == 0;
+        if (leader && wrow + mi < tile.rows && p.dist_out != nullptr) {
+          const RvqSegment& sg = p.segments[seg];
+          if (sg.aux_offset >= 0) {
+            p.dist_out[sg.aux_offset + srow] = fmaxf(0.f, (take2 ? d2 : d1) + pr);
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < C::kR; ++r) {
+        const int i = i0 + r;
+        const bool t2 = (take2_mask >> (r << kShift)) & 1u;
+        const V c = t2 ? w2[r] : w1[r];
+        V nr = rv[r];
+        nr.x -= c.x;
+        nr.y -= c.y;
+        if constexpr (C::kVW == 4) {
+          nr.z -= c.z;
+          nr.w -= c.w;
+        }
+        *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
+        if constexpr (kLast) {
+          const int seg = __shfl_sync(0xffffffffu, my_seg, i);
+          const int srow = __shfl_sync(0xffffffffu, my_r, i);
+          if (wrow + i < tile.rows && p.residual_out != nullptr) {
+            const RvqSegment& sg = p.segments[seg];
+            if (sg.aux_offset >= 0) {
+              reinterpret_cast<V*>(p.residual_out + (sg.aux_offset + srow) * D)[lane] = nr;
+            }
+          }
+        }
+      }
+    }
+    if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
+  };
+
+  if (wg > 0) MbarWait(go0 + 8 * wg, 0);  // the start lag behind warpgroup wg - 1
+  for (int stage = 0;;) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) m[i] = -FLT_MAX;
+    col0 = 0;
+    s_cur = acquire();
+    ci_init(acc0, cibuf + s_cur * C::kBN);
+    mma(acc0, s_cur * C::kCbBytes);
+    for (int c = 0;; c += 2) {
+      if (c + 1 < nchunks) {
+        step(acc0, acc1, std::true_type{});
+      } else {
+        step(acc0, acc1, std::false_type{});
+        break;
+      }
+      if (c + 2 < nchunks) {
+        step(acc1, acc0, std::true_type{});
+      } else {
+        step(acc1, acc0, std::false_type{});
+        break;
+      }
+    }
+
+    // ---- end of a stage (per warp): best two candidates per row, exact rescore, update ----
+    const bool last = stage == tab.stages - 1;
+    if (last) {
+      stage_end(stage, std::true_type{});
+    } else {
+      stage_end(stage, std::false_type{});
+    }
+    __syncwarp();
+    if (last) break;
+    ++stage;
+    build_a(stage);
+  }
+}
+
 template <class C>
 constexpr auto KernelOf() {
-  if constexpr (C::kPipe) {
+  if constexpr (C::kPing) {
+    return RvqEncodePingPongKernel<C>;
+  } else if constexpr (C::kPipe) {
     return RvqEncodeWgmmaPipeKernel<C>;
   } else {
     return RvqEncodeWgmmaKernel<C>;
@@ -1209,7 +1753,7 @@ bool MakeCb16Map(const RvqEncodeParams& p, CUtensorMap* map) {
 
 template <class C>
 cudaError_t Launch(const RvqEncodeParams& p, cudaStream_t stream) {
-  if constexpr (C::kPipe && C::kTma) {
+  if constexpr (C::kTma) {
     // Without the one-tensor view of the tables (e.g. the k-means fit's scratch tables), the
     // same tiles with cp.async copies.
     CUtensorMap map;
@@ -1222,7 +1766,7 @@ cudaError_t Launch(const RvqEncodeParams& p, cudaStream_t stream) {
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                            int(cudaSharedmemCarveoutMaxShared));
   if (e != cudaSuccess) return e;
-  if constexpr (C::kPipe) {
+  if constexpr (C::kPipe || C::kPing) {
     CUtensorMap map{};
     if constexpr (C::kTma) MakeCb16Map(p, &map);
     kernel<<<p.num_tiles, C::kThreads, C::kSmem, stream>>>(p, map);
@@ -1253,12 +1797,15 @@ int BlocksPerSm() {
 
 // Internal to rvq_encode.cu (declared there). variant: 5 (128-row tiles), 6 (256-row tiles),
 // 7 (128-row tiles, split pipelined chunks), 8 (128-row tiles, MMA/epilogue overlap),
-// 9 (256-row tiles, MMA/epilogue overlap), 10 / 11 (8 / 9 with TMA chunk loads).
+// 9 (256-row tiles, MMA/epilogue overlap), 10 / 11 (8 / 9 with TMA chunk loads), 12 / 13
+// (ping-pong warpgroups, 128 / 192-row tiles, 1 CTA per SM).
 int RvqEncodeSm90TileRows(int dim, int variant) {
   (void)dim;
   return variant == 6    ? Sm90Big<128>::kBM
          : variant == 9  ? PipeBig<128>::kBM
          : variant == 11 ? PipeBigTma<128>::kBM
+         : variant == 12 ? PingTwo<128>::kBM
+         : variant == 13 ? PingThree<128>::kBM
                          : Sm90Small<128>::kBM;
 }
 
@@ -1278,6 +1825,10 @@ auto DispatchSm90(int variant, F&& f) {
       return f(static_cast<PipeSmallTma<D>*>(nullptr));
     case 11:
       return f(static_cast<PipeBigTma<D>*>(nullptr));
+    case 12:
+      return f(static_cast<PingTwo<D>*>(nullptr));
+    case 13:
+      return f(static_cast<PingThree<D>*>(nullptr));
     default:
       return f(static_cast<Sm90Small<D>*>(nullptr));
   }

@@ -72,14 +72,15 @@ struct RvqEncodeParams {
   int32_t* error_flag = nullptr;  // set to 1 when an input value is NaN or Inf
   int32_t variant = 0;            // tile configuration (RvqEncodeVariantSupported)
   // Optional: when every table's cb16 lies at a whole number of rows of `dim` fp16 values from
-  // cb16_base, within cb16_rows rows, variants 10/11 load the chunks with the tensor memory
-  // accelerator through one tensor map over that range (else they fall back to 8/9).
+  // cb16_base, within cb16_rows rows, variants 10-13 load the chunks with the tensor memory
+  // accelerator through one tensor map over that range (else 10/11 run 8/9, and 12/13 the
+  // cp.async kernel of 8 on their own tiles).
   const uint16_t* cb16_base = nullptr;
   int64_t cb16_rows = 0;
 };
 
 // Tile configurations (`variant`) of the tensor-core encode:
-//   0  default: the fastest available for this device and head dim (10 on compute capability 9.0
+//   0  default: the fastest clean one for this device and head dim (10 on compute capability 9.0
 //      for head_dim 64/128 when built with sm_90a, else 4)
 //   1-3  mma.sync alternatives for head_dim 128 (see rvq_encode.cu)
 //   4  mma.sync default tiles (any tensor-core head dim, any sm_80+ GPU)
@@ -91,6 +92,10 @@ struct RvqEncodeParams {
 //   9  wgmma (sm_90a), as 8 with 256-row tiles, 1 CTA per SM
 //   10, 11  as 8, 9 with the codeword chunks loaded by TMA (one thread, mbarriers); needs
 //      cb16_base / cb16_rows, else runs 8 / 9
+//   12, 13  ping-pong warpgroups (rvq_encode_sm90.cu): 1 CTA per SM of 2 / 3 independent
+//      consumer warpgroups (128 / 192-row tiles) and a TMA producer warp, staggered so that one
+//      warpgroup's stage end overlaps the others' MMAs; needs cb16_base / cb16_rows, else runs
+//      the cp.async kernel of 8 on the same tiles
 // Unsupported variants fall back to 0 everywhere. RvqEncodeTileRows gives the rows per tile of
 // the configuration that runs (for head dims without a tensor-core kernel, the exact kernel's
 // tile size); it and LaunchRvqEncode resolve `variant` the same way for the current device.

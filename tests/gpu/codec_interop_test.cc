@@ -208,6 +208,19 @@ TEST(CudaCodecs, RvqErrorContract) {
   auto beam = CreateCodec(spec);
   ASSERT_TRUE(beam.ok());
   EXPECT_EQ((*beam)->Label().find("rvq-cuda"), std::string::npos);
+  // So do outlier tokens, with the CPU codec's payloads through the batch path.
+  spec.beam = 1;
+  spec.outliers = 1;
+  auto with_outliers = CreateCodec(spec);
+  ASSERT_TRUE(with_outliers.ok());
+  EXPECT_NE((*with_outliers)->Label().find("+outliers1"), std::string::npos);
+  spec.name = "rvq";
+  auto cpu_outliers = CreateCodec(spec);
+  ASSERT_TRUE(cpu_outliers.ok());
+  std::vector<std::string> o_gpu, o_cpu;
+  ASSERT_TRUE(EncodeBatch(**with_outliers, blocks.views, &o_gpu).ok());
+  ASSERT_TRUE((*cpu_outliers)->Encode(blocks.views, &o_cpu).ok());
+  EXPECT_EQ(o_gpu, o_cpu);
 }
 
 TEST(CudaCodecs, ScalarPayloadsEqualCpu) {
