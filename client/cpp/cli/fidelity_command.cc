@@ -1,5 +1,6 @@
 // `vqkv fidelity`: fit codebooks on the first half of a text, evaluate every codec on the
 // second half with the real model, print the table (docs/fidelity.md records its output).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -117,6 +118,12 @@ absl::Status Fidelity(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(std::vector<Budget> budgets, ParseBudgets(f.Str("budgets")));
   VQKV_ASSIGN_OR_RETURN(std::vector<int64_t> contexts,
                         ParseContexts(f.Str("contexts"), max_tokens));
+  for (const Budget& b : budgets) {
+    if (b.context > 0 && std::find(contexts.begin(), contexts.end(), b.context) == contexts.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--budgets: ", b.context, ":", b.bits, " names a context that --contexts does not list"));
+    }
+  }
   if (eval_tokens < 0 || attn_queries < 0) {
     return absl::InvalidArgumentError("--eval-tokens and --attn-queries must be >= 0");
   }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The fidelity command as a user runs it: per-context budgets, outlier rows and --codebook-cache
+# (a second run with the same settings loads the fits and prints the same table).
+# Usage: fidelity_cli_test.sh VQKV_BINARY MODEL_DIR
+set -euo pipefail
+vqkv=$1
+model=$2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+args=(fidelity --model "$model" --contexts 128,256 --eval-tokens 512 --budgets 128:2.2,256:2.5
+      --outliers 1 --baselines=false --iters 1 --max-stages 3,3 --max-vectors 2048
+      --code-spaces none --codebook-cache "$tmp/cache")
+fail() { echo "FAIL: $*"; exit 1; }
+
+"$vqkv" "${args[@]}" >"$tmp/a.out" 2>"$tmp/a.err" || { cat "$tmp/a.err"; fail "first run"; }
+"$vqkv" "${args[@]}" >"$tmp/b.out" 2>"$tmp/b.err" || { cat "$tmp/b.err"; fail "second run"; }
+grep -q "fit: loaded" "$tmp/b.err" || fail "second run did not load the cached fit"
+grep -q "fit: loaded" "$tmp/a.err" && fail "first run claims a cached fit"
+ls "$tmp/cache"/fit-*.safetensors >/dev/null || fail "no cached codebook written"
+cmp -s <(grep '^|' "$tmp/a.out") <(grep '^|' "$tmp/b.out") || fail "tables differ after loading"
+# Each budget row only at its context; each with an outlier twin that costs more bits.
+[ "$(grep -c '^| 128 | rvq fit --bits 2.2 ' "$tmp/a.out")" = 2 ] || fail "128-token rows"
+[ "$(grep -c '^| 256 | rvq fit --bits 2.5 ' "$tmp/a.out")" = 2 ] || fail "256-token rows"
+grep -q '^| 128 | rvq fit --bits 2.5' "$tmp/a.out" && fail "a 256-only budget evaluated at 128"
+awk -F'|' '$3 ~ /rvq fit --bits 2.5/ {print $5}' "$tmp/a.out" >"$tmp/bits"
+[ "$(wc -l <"$tmp/bits")" = 2 ] || fail "bits rows"
+awk "NR==1{a=\$1} NR==2{exit !(\$1 > a)}" "$tmp/bits" || fail "outlier row does not cost more bits: $(tr "\n" " " <"$tmp/bits")"
+# A budget for a context that is not evaluated is an error, not a silent no-op.
+if "$vqkv" fidelity --model "$model" --contexts 128 --budgets 512:2.2 >/dev/null 2>"$tmp/c.err"; then
+  fail "unknown budget context accepted"
+fi
+grep -q "names a context that --contexts does not list" "$tmp/c.err" || fail "error message"
+echo "PASS"
