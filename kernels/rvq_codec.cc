@@ -59,7 +59,7 @@ class RvqCodec final : public Codec {
 
   int64_t BodyBytes(const KvShape& s, int sinks, DType, int first_layer) const override {
     const int64_t t1 = s.tokens - sinks;
-    return (t1 * s.kv_heads * CodeBitsPerToken(s, first_layer) + 7) / 8 +
+    return CodeBytes(s, t1, first_layer) +
            int64_t{s.layers} * std::min<int64_t>(spec_.outliers, t1) * OutlierEntryBytes(s);
   }
 
@@ -162,8 +162,7 @@ class RvqCodec final : public Codec {
           absl::StrCat("rvq codec: payload was encoded with outliers=", h.group,
                        ", this codec has outliers=", spec_.outliers));
     }
-    const int64_t code_bytes =
-        (int64_t{t1} * s.kv_heads * CodeBitsPerToken(s, h.first_layer) + 7) / 8;
+    const int64_t code_bytes = CodeBytes(s, t1, h.first_layer);
     const int n_out = int(std::min<int64_t>(spec_.outliers, t1));
     const int64_t entry = OutlierEntryBytes(s);
     if (int64_t(body.size()) != code_bytes + int64_t{s.layers} * n_out * entry) {
@@ -242,6 +241,11 @@ class RvqCodec final : public Codec {
       bits += int64_t{c.k[l].stages} * c.k[l].bits() + int64_t{c.v[l].stages} * c.v[l].bits();
     }
     return bits;
+  }
+
+  // Bytes of the code bit stream of `t1` coded tokens (padded to a byte).
+  int64_t CodeBytes(const KvShape& s, int64_t t1, int first_layer) const {
+    return (t1 * s.kv_heads * CodeBitsPerToken(s, first_layer) + 7) / 8;
   }
 
   // Residual (code space) of `n` vectors after all stages of (layer ml, kind c).
