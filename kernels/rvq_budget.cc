@@ -288,8 +288,26 @@ absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& 
 
 absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& cfg, const SplitErrors& errors,
                                                    const BudgetOptions& opts) {
-  const auto& err = errors.err;
   const int L = cfg.layers, dim = cfg.head_dim;
+  if (!opts.layer_weights.empty() && int(opts.layer_weights.size()) != L) {
+    return absl::InvalidArgumentError(absl::StrCat("choose split: ", opts.layer_weights.size(),
+                                                   " layer weights for ", L, " layers"));
+  }
+  for (double w : opts.layer_weights) {
+    if (!(w >= 0) || !std::isfinite(w))
+      return absl::InvalidArgumentError("choose split: layer weights must be finite and >= 0");
+  }
+  // The objective per layer and pair: the error itself, or its weighted square.
+  std::vector<std::vector<std::vector<double>>> weighted;
+  if (!opts.layer_weights.empty()) {
+    weighted = errors.err;
+    for (int l = 0; l < L && l < int(weighted.size()); ++l) {
+      for (auto& row : weighted[l]) {
+        for (double& e : row) e = opts.layer_weights[l] * e * e;
+      }
+    }
+  }
+  const auto& err = opts.layer_weights.empty() ? errors.err : weighted;
   const int kb = cfg.k[0].bits(), vb = cfg.v[0].bits();
   if (int(err.size()) != L)
     return absl::InvalidArgumentError("choose split: error grid does not match the config");
@@ -304,7 +322,10 @@ absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& cfg, const S
     for (int l = 0; l < L; ++l) {
       absl::StrAppend(&t, "layer ", l, ": K ", c.k[l].stages, "x", c.k[l].size, " V ",
                       c.v[l].stages, "x", c.v[l].size, " calib attention-output error ",
-                      err[l][c.k[l].stages - 1][c.v[l].stages - 1], "\n");
+                      errors.err[l][c.k[l].stages - 1][c.v[l].stages - 1],
+                      opts.layer_weights.empty() ? std::string()
+                                                 : absl::StrCat(" weight ", opts.layer_weights[l]),
+                      "\n");
     }
     return t;
   };

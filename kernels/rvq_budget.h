@@ -12,6 +12,7 @@
 #include <functional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "kernels/codebook.h"
@@ -29,12 +30,17 @@ struct BudgetOptions {
   // > 0: at most this many query positions per sequence (a larger stride on long sequences);
   // every (K stages, V stages) pair of every layer runs this attention, so it bounds the cost.
   int64_t max_queries = 0;
+  // Non-empty (one per layer): minimise sum_l layer_weights[l] * err_l^2 instead of sum_l err_l.
+  // With weights kl_l / err_l^2 measured on the model (each layer compressed alone), this is
+  // the predicted KL of next-token distributions: layers the model's output is more sensitive
+  // to get more bits (`vqkv fidelity --split-objective kl`).
+  std::vector<double> layer_weights;
   std::function<void(int64_t, int64_t, const std::string&)> progress;
 };
 
 struct BudgetChoice {
   RvqConfig config;        // chosen stages per layer
-  double calib_error = 0;  // sum over layers of the attention-output relative error
+  double calib_error = 0;  // the objective: sum of errors (or of weighted squared errors)
   std::string table;       // per-layer error grid summary for logs
 };
 

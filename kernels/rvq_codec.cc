@@ -89,6 +89,13 @@ class RvqCodec final : public Codec {
           // With per-head codebooks each head is encoded against its own tables.
           auto rows = [&](int64_t v) { return cfg.per_head ? v * heads + g : v; };
           const int64_t m = cfg.per_head ? t1 : n;
+          std::vector<float> sub;
+          const float* rp = r.data();
+          if (cfg.per_head) {
+            sub.resize(m * dim);
+            for (int64_t v = 0; v < m; ++v) std::memcpy(&sub[v * dim], &r[rows(v) * dim], dim * 4);
+            rp = sub.data();
+          }
           if (spec_.beam > 1) {
             std::vector<const float*> tabs, norms;
             std::vector<int> sizes;
@@ -97,21 +104,13 @@ class RvqCodec final : public Codec {
               norms.push_back(cb_.Norms(ml, c, g, i));
               sizes.push_back(sc.size);
             }
-            ParallelFor(m, 16, [&](int64_t b, int64_t e) {
-              for (int64_t v = b; v < e; ++v) {
-                const int64_t row = rows(v);
-                EncodeVector(r.data() + row * dim, dim, tabs, norms, sizes, spec_.beam,
-                             out.data() + row * sc.stages);
-              }
-            });
+            std::vector<int32_t> bc(m * sc.stages);
+            EncodeVectorsBeam(rp, m, dim, tabs, norms, sizes, spec_.beam, bc.data());
+            for (int64_t v = 0; v < m; ++v) {
+              std::copy(bc.begin() + v * sc.stages, bc.begin() + (v + 1) * sc.stages,
+                        out.begin() + rows(v) * sc.stages);
+            }
             continue;
-          }
-          std::vector<float> sub;
-          const float* rp = r.data();
-          if (cfg.per_head) {
-            sub.resize(m * dim);
-            for (int64_t v = 0; v < m; ++v) std::memcpy(&sub[v * dim], &r[rows(v) * dim], dim * 4);
-            rp = sub.data();
           }
           float* rw = const_cast<float*>(rp);
           idx.resize(m);

@@ -141,6 +141,46 @@ void NearestTileRows(const float* const* rows, int dim, const float* table_t, co
   }
 }
 
+// Scores norm_j - 2 r.c_j of R rows against every codeword of a transposed table (layout as in
+// NearestTileRows), written to out[r * ldc + j].
+template <int R>
+void ScoreTileRows(const float* const* rows, int dim, const float* table_t, const float* norms,
+                   int64_t ldc, float* out) {
+  using simd::V8;
+  for (int64_t j0 = 0; j0 < ldc; j0 += kCodeTile) {
+    V8 acc[R][3] = {};
+    for (int d = 0; d < dim; ++d) {
+      const float* ct = table_t + d * ldc + j0;
+      const V8 c0 = simd::Load8(ct), c1 = simd::Load8(ct + 8), c2 = simd::Load8(ct + 16);
+      for (int r = 0; r < R; ++r) {
+        const float rv = rows[r][d];
+        acc[r][0] += rv * c0;
+        acc[r][1] += rv * c1;
+        acc[r][2] += rv * c2;
+      }
+    }
+    for (int c = 0; c < 3; ++c) {
+      const V8 n = simd::Load8(norms + j0 + 8 * c);
+      for (int r = 0; r < R; ++r) simd::Store8(out + r * ldc + j0 + 8 * c, n - 2.0f * acc[r][c]);
+    }
+  }
+}
+
+// A stage table transposed to [dim][ldc] with norms padded by +inf (the tiled kernels' layout).
+struct TransposedTable {
+  int64_t ldc = 0;
+  std::vector<float> t, norms;
+  TransposedTable(const float* table, const float* n, int size, int dim)
+      : ldc((int64_t{size} + kCodeTile - 1) / kCodeTile * kCodeTile),
+        t(static_cast<size_t>(dim) * ldc, 0.0f),
+        norms(ldc, std::numeric_limits<float>::infinity()) {
+    for (int j = 0; j < size; ++j) {
+      for (int d = 0; d < dim; ++d) t[d * ldc + j] = table[int64_t{j} * dim + d];
+      norms[j] = n[j];
+    }
+  }
+};
+
 void NearestRangeTransposed(const float* r, int64_t begin, int64_t end, int dim,
                             const float* table_t, const float* norms, int64_t ldc, int32_t* idx,
                             float* dist) {
@@ -165,15 +205,12 @@ void NearestCodewords(const float* r, int64_t n, int dim, const float* table, co
     NearestRange(r, 0, n, dim, table, norms, size, idx, dist);
     return;
   }
-  const int64_t ldc = (int64_t{size} + kCodeTile - 1) / kCodeTile * kCodeTile;
-  std::vector<float> table_t(static_cast<size_t>(dim) * ldc, 0.0f);
-  std::vector<float> norms_pad(ldc, std::numeric_limits<float>::infinity());
-  for (int j = 0; j < size; ++j) {
-    for (int d = 0; d < dim; ++d) table_t[d * ldc + j] = table[int64_t{j} * dim + d];
-    norms_pad[j] = norms[j];
-  }
+  const TransposedTable tt(table, norms, size, dim);
+  const int64_t ldc = tt.ldc;
+  const float* table_t = tt.t.data();
+  const float* norms_pad = tt.norms.data();
   if (!parallel) {
-    NearestRangeTransposed(r, 0, n, dim, table_t.data(), norms_pad.data(), ldc, idx, dist);
+    NearestRangeTransposed(r, 0, n, dim, table_t, norms_pad, ldc, idx, dist);
     return;
   }
   // Aim for chunks of at least ~4 MFLOP so thread start-up stays negligible.
@@ -181,7 +218,7 @@ void NearestCodewords(const float* r, int64_t n, int dim, const float* table, co
   const int64_t min_chunk =
       std::max<int64_t>(4, (int64_t{4} << 20) / std::max<int64_t>(1, per_row));
   ParallelFor(n, min_chunk, [&](int64_t b, int64_t e) {
-    NearestRangeTransposed(r, b, e, dim, table_t.data(), norms_pad.data(), ldc, idx, dist);
+    NearestRangeTransposed(r, b, e, dim, table_t, norms_pad, ldc, idx, dist);
   });
 }
 
@@ -245,6 +282,123 @@ float EncodeVector(const float* x, int dim, const std::vector<const float*>& tab
     return best.err;
   }
   return greedy_err;
+}
+
+void EncodeVectorsBeam(const float* x, int64_t n, int dim, const std::vector<const float*>& tables,
+                       const std::vector<const float*>& norms, const std::vector<int>& sizes,
+                       int beam, int32_t* codes) {
+  const int stages = static_cast<int>(tables.size());
+  if (n <= 0 || stages == 0) return;
+  std::vector<TransposedTable> tt;
+  tt.reserve(stages);
+  for (int i = 0; i < stages; ++i) tt.emplace_back(tables[i], norms[i], sizes[i], dim);
+  // Greedy codes and errors first: the beam result replaces them only where it is better.
+  std::vector<float> r(x, x + n * dim);
+  std::vector<int32_t> idx(n);
+  for (int i = 0; i < stages; ++i) {
+    NearestCodewords(r.data(), n, dim, tables[i], norms[i], sizes[i], idx.data(), nullptr);
+    for (int64_t v = 0; v < n; ++v) {
+      codes[v * stages + i] = idx[v];
+      const float* c = tables[i] + int64_t{idx[v]} * dim;
+      float* rv = r.data() + v * dim;
+      for (int d = 0; d < dim; ++d) rv[d] -= c[d];
+    }
+  }
+  if (beam <= 1) return;
+  constexpr int64_t kChunk = 8;  // vectors searched together
+  ParallelFor(n, kChunk, [&](int64_t b0, int64_t b1) {
+    for (int64_t v0 = b0; v0 < b1; v0 += kChunk) {
+      const int nv = int(std::min<int64_t>(kChunk, b1 - v0));
+      // Hypotheses per vector: residual, error, code path; cur/next swap each stage.
+      struct Hyps {
+        std::vector<float> res, err;
+        std::vector<int32_t> path;
+        std::vector<int> count;
+      };
+      Hyps cur, next;
+      for (Hyps* h : {&cur, &next}) {
+        h->res.assign(size_t(nv) * beam * dim, 0.f);
+        h->err.assign(size_t(nv) * beam, 0.f);
+        h->path.assign(size_t(nv) * beam * stages, 0);
+        h->count.assign(nv, 0);
+      }
+      for (int v = 0; v < nv; ++v) {
+        std::copy(x + (v0 + v) * dim, x + (v0 + v + 1) * dim,
+                  cur.res.begin() + size_t(v) * beam * dim);
+        cur.err[size_t(v) * beam] = Dot(x + (v0 + v) * dim, x + (v0 + v) * dim, dim);
+        cur.count[v] = 1;
+      }
+      std::vector<float> scores;
+      std::vector<const float*> rows;
+      std::vector<int> row_of;  // first row of each vector's hypotheses
+      struct Cand {
+        float e;
+        int b;
+        int32_t j;
+      };
+      std::vector<Cand> top(beam);
+      for (int i = 0; i < stages; ++i) {
+        const TransposedTable& t = tt[i];
+        rows.clear();
+        row_of.assign(nv, 0);
+        for (int v = 0; v < nv; ++v) {
+          row_of[v] = int(rows.size());
+          for (int b = 0; b < cur.count[v]; ++b)
+            rows.push_back(cur.res.data() + (size_t(v) * beam + b) * dim);
+        }
+        scores.resize(rows.size() * t.ldc);
+        simd::ForRowGroups(0, int64_t(rows.size()), [&](int64_t r0, auto rn) {
+          constexpr int R = decltype(rn)::value;
+          ScoreTileRows<R>(rows.data() + r0, dim, t.t.data(), t.norms.data(), t.ldc,
+                           scores.data() + r0 * t.ldc);
+        });
+        for (int v = 0; v < nv; ++v) {
+          // The `beam` smallest err + score, ties to the lower (hypothesis, code): candidates
+          // come in that order, so a later one enters only when strictly smaller.
+          int kept = 0;
+          for (int b = 0; b < cur.count[v]; ++b) {
+            const float base = cur.err[size_t(v) * beam + b];
+            const float* sc = scores.data() + (row_of[v] + b) * t.ldc;
+            for (int j = 0; j < sizes[i]; ++j) {
+              const float e = base + sc[j];
+              if (kept == beam && !(e < top[beam - 1].e)) continue;
+              int k = kept < beam ? kept++ : beam - 1;
+              while (k > 0 && e < top[k - 1].e) {
+                top[k] = top[k - 1];
+                --k;
+              }
+              top[k] = {e, b, j};
+            }
+          }
+          next.count[v] = kept;
+          for (int k = 0; k < kept; ++k) {
+            const size_t from = size_t(v) * beam + top[k].b, to = size_t(v) * beam + k;
+            const float* pr = cur.res.data() + from * dim;
+            float* nr = next.res.data() + to * dim;
+            const float* c = tables[i] + int64_t{top[k].j} * dim;
+            for (int d = 0; d < dim; ++d) nr[d] = pr[d] - c[d];
+            next.err[to] = Dot(nr, nr, dim);  // exact, avoids drift of the running estimate
+            std::copy(cur.path.begin() + from * stages, cur.path.begin() + from * stages + i,
+                      next.path.begin() + to * stages);
+            next.path[to * stages + i] = top[k].j;
+          }
+        }
+        std::swap(cur, next);
+      }
+      for (int v = 0; v < nv; ++v) {
+        int best = 0;
+        for (int b = 1; b < cur.count[v]; ++b) {
+          if (cur.err[size_t(v) * beam + b] < cur.err[size_t(v) * beam + best]) best = b;
+        }
+        const float* gr = r.data() + (v0 + v) * dim;
+        if (cur.err[size_t(v) * beam + best] < Dot(gr, gr, dim)) {
+          std::copy(cur.path.begin() + (size_t(v) * beam + best) * stages,
+                    cur.path.begin() + (size_t(v) * beam + best + 1) * stages,
+                    codes + (v0 + v) * stages);
+        }
+      }
+    }
+  });
 }
 
 }  // namespace vqkv::kernels

@@ -22,4 +22,13 @@ float EncodeVector(const float* x, int dim, const std::vector<const float*>& tab
                    const std::vector<const float*>& norms, const std::vector<int>& sizes, int beam,
                    int32_t* codes);
 
+// EncodeVector for the n rows of x ([n, dim]) at once, writing codes[n, stages]: greedy codes
+// from the tiled search, then (beam > 1) a beam search whose candidates are scored with the
+// same tiled kernel, eight vectors' hypotheses per tile pass; a row keeps its beam result only
+// where that is better than greedy. Parallel over vectors. Results equal EncodeVector's except
+// where rounding of the distance sums reorders near-equal candidates.
+void EncodeVectorsBeam(const float* x, int64_t n, int dim, const std::vector<const float*>& tables,
+                       const std::vector<const float*>& norms, const std::vector<int>& sizes,
+                       int beam, int32_t* codes);
+
 }  // namespace vqkv::kernels

@@ -25,6 +25,21 @@ grep -q '^| 128 | rvq fit --bits 2.5' "$tmp/a.out" && fail "a 256-only budget ev
 awk -F'|' '$3 ~ /rvq fit --bits 2.5/ {print $5}' "$tmp/a.out" >"$tmp/bits"
 [ "$(wc -l <"$tmp/bits")" = 2 ] || fail "bits rows"
 awk "NR==1{a=\$1} NR==2{exit !(\$1 > a)}" "$tmp/bits" || fail "outlier row does not cost more bits: $(tr "\n" " " <"$tmp/bits")"
+# --split-objective kl: per-layer sensitivities measured once (then loaded from the cache), a
+# kl-weighted row next to each plain one, within the same code budget.
+"$vqkv" "${args[@]}" --split-objective attn,kl >"$tmp/k.out" 2>"$tmp/k.err" || { cat "$tmp/k.err"; fail "kl run"; }
+grep -q "layer sensitivity.*held-out sequences" "$tmp/k.err" || fail "no sensitivity table"
+grep -q "sum of per-layer KL" "$tmp/k.err" || fail "no additivity check"
+[ "$(grep -c '^| 128 | rvq fit --bits 2.2 kl-weighted' "$tmp/k.out")" = 2 ] || fail "kl rows at 128"
+[ "$(grep -c '^| 256 | rvq fit --bits 2.5 kl-weighted' "$tmp/k.out")" = 2 ] || fail "kl rows at 256"
+awk -F'|' '$3 ~ /kl-weighted/ && $3 !~ /outliers/ {print $6}' "$tmp/k.out" >"$tmp/kbits"
+awk '{ if ($1 > 2.5 + 1e-9) exit 1 }' "$tmp/kbits" || fail "kl row over its code budget: $(tr "\n" " " <"$tmp/kbits")"
+ls "$tmp/cache"/sens-*.txt >/dev/null || fail "no cached sensitivities"
+"$vqkv" "${args[@]}" --split-objective kl >"$tmp/l.out" 2>"$tmp/l.err" || { cat "$tmp/l.err"; fail "second kl run"; }
+grep -q "layer sensitivity: loaded" "$tmp/l.err" || fail "sensitivities not loaded from the cache"
+grep -q '^| 128 | rvq fit --bits 2.2 \[\|^| 128 | rvq fit --bits 2.2 |' "$tmp/l.out" && fail "plain rows with --split-objective kl"
+if "$vqkv" "${args[@]}" --split-objective mse >/dev/null 2>"$tmp/m.err"; then fail "unknown objective accepted"; fi
+grep -q "use attn, kl or attn,kl" "$tmp/m.err" || fail "objective error message"
 # A budget for a context that is not evaluated is an error, not a silent no-op.
 if "$vqkv" fidelity --model "$model" --contexts 128 --budgets 512:2.2 >/dev/null 2>"$tmp/c.err"; then
   fail "unknown budget context accepted"

@@ -83,6 +83,49 @@ TEST(RvqBudgetTest, PairErrorsMatchTheReferenceAttention) {
   EXPECT_LT(grid->err[0][3][2], grid->err[0][0][0]);
 }
 
+// Two layers with the same error grid: without weights the budget is shared evenly; weighting
+// layer 0's squared error 20x moves stages to it, and bad weights are refused.
+TEST(RvqBudgetTest, LayerWeightsMoveBitsToTheSensitiveLayer) {
+  const RvqConfig cfg = RvqConfig::Uniform(2, 1, 16, {8, 16}, {8, 16});  // 4 bits per stage
+  SplitErrors errors;
+  errors.err.assign(2, std::vector<std::vector<double>>(8, std::vector<double>(8)));
+  for (int l = 0; l < 2; ++l) {
+    for (int a = 0; a < 8; ++a) {
+      for (int b = 0; b < 8; ++b) errors.err[l][a][b] = 1.0 / (a + 1) + 1.0 / (b + 1);
+    }
+  }
+  BudgetOptions opts;
+  opts.bits_per_element = 1.0;  // 2 * 16 * 2 layers = 64 bits: 16 stages in all
+  auto even = ChooseSplitFromErrors(cfg, errors, opts);
+  ASSERT_TRUE(even.ok()) << even.status();
+  const auto stages = [](const RvqConfig& c, int l) { return c.k[l].stages + c.v[l].stages; };
+  EXPECT_EQ(stages(even->config, 0), 8);
+  EXPECT_EQ(stages(even->config, 1), 8);
+
+  opts.layer_weights = {20.0, 1.0};
+  auto weighted = ChooseSplitFromErrors(cfg, errors, opts);
+  ASSERT_TRUE(weighted.ok()) << weighted.status();
+  EXPECT_GT(stages(weighted->config, 0), stages(weighted->config, 1));
+  EXPECT_EQ(stages(weighted->config, 0) + stages(weighted->config, 1), 16);
+  double objective = 0;
+  for (int l = 0; l < 2; ++l) {
+    const double e =
+        errors.err[l][weighted->config.k[l].stages - 1][weighted->config.v[l].stages - 1];
+    objective += opts.layer_weights[l] * e * e;
+  }
+  EXPECT_NEAR(weighted->calib_error, objective, 1e-12);
+
+  opts.layer_weights = {1.0};
+  EXPECT_EQ(ChooseSplitFromErrors(cfg, errors, opts).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  opts.layer_weights = {1.0, -1.0};
+  EXPECT_EQ(ChooseSplitFromErrors(cfg, errors, opts).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  opts.layer_weights = {1.0, std::nan("")};
+  EXPECT_EQ(ChooseSplitFromErrors(cfg, errors, opts).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(RvqBudgetTest, HoldOutSequencesSplitsWholeSequences) {
   const KvShape shape{2, 30, 2, 8};
   const auto x = testing::RandomKv(shape, 41);

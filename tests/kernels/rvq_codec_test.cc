@@ -115,6 +115,50 @@ TEST(RvqCodecTest, BeamSearchNeverWorseThanGreedy) {
   EXPECT_LE(RelError(x, RoundTrip(cb, s, x, 8)), RelError(x, RoundTrip(cb, s, x, 1)));
 }
 
+TEST(RvqCodecTest, BatchedBeamMatchesPerVectorBeam) {
+  // 131 tokens x 2 heads = 262 rows: not a multiple of the 8-vector chunks or 4-row tiles.
+  const KvShape s{1, 131, 2, 16};
+  const auto x = testing::RandomKv(s, 21);
+  const auto other = testing::RandomKv(s, 22);
+  constexpr int kStages = 6;
+  auto cb = Fit(s, other, {kStages, 64}, {kStages, 64});
+  std::vector<const float*> tabs, norms;
+  std::vector<int> sizes;
+  for (int i = 0; i < kStages; ++i) {
+    tabs.push_back(cb->Table(0, 0, 0, i));
+    norms.push_back(cb->Norms(0, 0, 0, i));
+    sizes.push_back(64);
+  }
+  const int64_t n = int64_t{s.tokens} * s.kv_heads;
+  const float* rows = &x[s.Offset(0, 0, 0, 0)];
+  auto error_of = [&](const float* v, const int32_t* codes) {
+    std::vector<float> r(v, v + 16);
+    for (int i = 0; i < kStages; ++i) {
+      for (int d = 0; d < 16; ++d) r[d] -= tabs[i][codes[i] * 16 + d];
+    }
+    double e = 0;
+    for (float f : r) e += double(f) * f;
+    return e;
+  };
+  for (int beam : {1, 3, 8}) {
+    std::vector<int32_t> batch(n * kStages, -1);
+    EncodeVectorsBeam(rows, n, 16, tabs, norms, sizes, beam, batch.data());
+    int same = 0;
+    double sum_batch = 0, sum_one = 0;
+    for (int64_t v = 0; v < n; ++v) {
+      int32_t one[kStages];
+      const float e1 = EncodeVector(rows + v * 16, 16, tabs, norms, sizes, beam, one);
+      const double eb = error_of(rows + v * 16, &batch[v * kStages]);
+      ASSERT_NEAR(eb, e1, 1e-4 * e1 + 1e-5) << "beam " << beam << " row " << v;
+      same += std::equal(one, one + kStages, &batch[v * kStages]);
+      sum_batch += eb;
+      sum_one += e1;
+    }
+    EXPECT_GE(same, n * 95 / 100) << "beam " << beam;
+    EXPECT_NEAR(sum_batch, sum_one, 1e-5 * sum_one) << "beam " << beam;
+  }
+}
+
 TEST(RvqCodecTest, PerHeadCodebooks) {
   const KvShape s{2, 96, 3, 8};
   const auto x = testing::RandomKv(s, 14);

@@ -82,6 +82,87 @@ uint64_t Fnv1a(const std::string& s) {
   return h;
 }
 
+// Per-layer weights for --split-objective kl (rvq_budget.h BudgetOptions::layer_weights):
+// the split the plain objective picks at the largest budget, each layer compressed alone on the
+// last `held` calibration sequences (those the codebook was not fitted on), KL of next-token
+// distributions over that layer's squared calibration attention-output error. `cache_path`
+// (may be empty) keeps the measured KLs for a later run with the same settings.
+absl::StatusOr<std::vector<double>> KlLayerWeights(
+    const ModelSetup& setup, const eval::Corpus& calib_corpus, size_t held,
+    const kernels::Codebook& full, const kernels::RvqConfig& full_cfg,
+    const kernels::SplitErrors& errors, const kernels::BudgetOptions& bo,
+    const eval::EvalOptions& eo, const std::string& cache_path, const std::string& tag) {
+  VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice base,
+                        kernels::ChooseSplitFromErrors(full_cfg, errors, bo));
+  const int L = full_cfg.layers;
+  eval::Corpus held_out;
+  held = std::min(held, calib_corpus.seqs.size());
+  held_out.seqs.assign(calib_corpus.seqs.end() - int64_t(held), calib_corpus.seqs.end());
+  const std::string key =
+      absl::StrCat(base.config.ToString(), "|", eo.sink_tokens, "|", eo.recent_tokens, "|",
+                   eo.block_tokens, "|", held_out.tokens());
+  eval::LayerSensitivity sens;
+  bool loaded = false;
+  if (!cache_path.empty() && std::filesystem::exists(cache_path)) {
+    auto text = ReadFileToString(cache_path);
+    if (text.ok()) {
+      std::vector<std::string> lines = absl::StrSplit(*text, '\n', absl::SkipEmpty());
+      if (int(lines.size()) == L + 2 && lines[0] == key) {
+        loaded = true;
+        for (int l = 0; l <= L && loaded; ++l) {
+          double v = 0;
+          loaded = absl::SimpleAtod(lines[l + 1], &v);
+          if (l < L)
+            sens.kl.push_back(v);
+          else
+            sens.all_kl = v;
+        }
+      }
+    }
+    if (loaded) std::fprintf(stderr, "layer sensitivity: loaded %s\n", cache_path.c_str());
+  }
+  if (!loaded) {
+    sens = {};
+    VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, base.config));
+    kernels::CodecSpec spec;
+    VQKV_ASSIGN_OR_RETURN(spec, kernels::ParseCodecSpec("rvq"));
+    spec.sink_tokens = eo.sink_tokens;
+    spec.codebook = std::make_shared<const kernels::Codebook>(std::move(cb));
+    VQKV_ASSIGN_OR_RETURN(std::unique_ptr<kernels::Codec> codec, kernels::CreateCodec(spec));
+    VQKV_ASSIGN_OR_RETURN(eval::Reference ref, eval::ComputeReference(setup.model, held_out));
+    ProgressBar bar(absl::StrCat("layer sensitivity", tag), L + 1);
+    VQKV_ASSIGN_OR_RETURN(sens,
+                          eval::MeasureLayerSensitivity(
+                              setup.model, held_out, ref, *codec, eo,
+                              [&](int64_t d, int64_t, const std::string& w) { bar.Update(d, w); }));
+    bar.Finish();
+    if (!cache_path.empty()) {
+      std::string text = key + "\n";
+      for (double v : sens.kl) absl::StrAppend(&text, absl::StrFormat("%.17g\n", v));
+      absl::StrAppend(&text, absl::StrFormat("%.17g\n", sens.all_kl));
+      std::filesystem::create_directories(std::filesystem::path(cache_path).parent_path());
+      VQKV_RETURN_IF_ERROR(WriteStringToFile(cache_path, text));
+    }
+  }
+  std::vector<double> w(L);
+  double sum = 0;
+  std::fprintf(stderr,
+               "layer sensitivity%s on %zu held-out sequences (%lld tokens), split of fit --bits "
+               "%g:\n",
+               tag.c_str(), held_out.seqs.size(), (long long)held_out.tokens(),
+               bo.bits_per_element);
+  for (int l = 0; l < L; ++l) {
+    const double e = errors.err[l][base.config.k[l].stages - 1][base.config.v[l].stages - 1];
+    w[l] = e > 0 ? sens.kl[l] / (e * e) : 0;
+    sum += sens.kl[l];
+    std::fprintf(stderr, "  layer %2d: K %2d V %2d attn-out err %.4f  KL alone %.6f  weight %.4g\n",
+                 l, base.config.k[l].stages, base.config.v[l].stages, e, sens.kl[l], w[l]);
+  }
+  std::fprintf(stderr, "  sum of per-layer KL %.6f, KL with every layer compressed %.6f\n", sum,
+               sens.all_kl);
+  return w;
+}
+
 absl::Status Fidelity(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t max_tokens, f.Int("max-tokens"));
   VQKV_ASSIGN_OR_RETURN(int64_t calib_seqs, f.Int("calib-seqs"));
@@ -99,6 +180,16 @@ absl::Status Fidelity(const Flags& f) {
     }
     if (n > 0) outlier_counts.push_back(n);
   }
+  const std::vector<std::string> objectives =
+      absl::StrSplit(f.Str("split-objective"), ',', absl::SkipEmpty());
+  if (objectives.empty()) return absl::InvalidArgumentError("--split-objective is empty");
+  for (const std::string& o : objectives) {
+    if (o != "attn" && o != "kl") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--split-objective: '", o, "': use attn, kl or attn,kl"));
+    }
+  }
+  const bool want_kl = std::find(objectives.begin(), objectives.end(), "kl") != objectives.end();
   VQKV_ASSIGN_OR_RETURN(int64_t eval_tokens, f.Int("eval-tokens"));
   double calib_fraction = 0;
   if (!absl::SimpleAtod(f.Str("calib-fraction"), &calib_fraction) || calib_fraction <= 0 ||
@@ -176,6 +267,7 @@ absl::Status Fidelity(const Flags& f) {
         std::string(setup.status().message()).c_str());
   }
   kernels::KvSamples calib;
+  eval::Corpus calib_corpus;
   std::vector<eval::Corpus> eval_corpora;  // one per context
   kernels::KvSamples synth_eval;
   if (!synthetic) {
@@ -189,8 +281,8 @@ absl::Status Fidelity(const Flags& f) {
                                                setup->stories.end());
     const auto* first = &first_part;
     const auto* second = &second_part;
-    const eval::Corpus calib_corpus = eval::BuildCorpus(
-        setup->tokenizer, *first, int(max_tokens), int(sinks + recent + 8), int(calib_seqs), pack);
+    calib_corpus = eval::BuildCorpus(setup->tokenizer, *first, int(max_tokens),
+                                     int(sinks + recent + 8), int(calib_seqs), pack);
     std::fprintf(stderr, "model %s: %d layers, %d KV heads, head_dim %d, context %d\n",
                  setup->model_dir.c_str(), setup->model.config().num_hidden_layers,
                  setup->model.config().num_key_value_heads, setup->model.config().head_dim,
@@ -342,14 +434,34 @@ absl::Status Fidelity(const Flags& f) {
       VQKV_ASSIGN_OR_RETURN(split_errors, kernels::MeasureSplitErrors(full, choose_set, bo));
       sbar.Finish();
     }
-    std::vector<kernels::RvqConfig> chosen;
-    for (const Budget& b : budgets) {
-      kernels::BudgetOptions ob = bo;
-      ob.bits_per_element = b.bits;
-      VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice,
-                            kernels::ChooseSplitFromErrors(full_cfg, split_errors, ob));
-      std::fprintf(stderr, "fit --bits %g%s chose:\n%s", b.bits, tag.c_str(), choice.table.c_str());
-      chosen.push_back(choice.config);
+    // --split-objective kl: weigh each layer by how much compressing it alone moves the model's
+    // next-token distributions on the held-out calibration sequences.
+    std::vector<double> layer_weights;
+    if (want_kl && !budgets.empty()) {
+      if (synthetic) return absl::InvalidArgumentError("--split-objective kl needs a model");
+      VQKV_ASSIGN_OR_RETURN(
+          layer_weights,
+          KlLayerWeights(*setup, calib_corpus, choose_set.seq_lens.size(), full, full_cfg,
+                         split_errors, bo, eo,
+                         f.Str("codebook-cache").empty() ? "" : cached("sens") + ".txt", tag));
+    }
+    struct Chosen {
+      size_t budget;
+      bool kl;
+      kernels::RvqConfig config;
+    };
+    std::vector<Chosen> chosen;
+    for (size_t bi = 0; bi < budgets.size(); ++bi) {
+      for (const std::string& obj : objectives) {
+        kernels::BudgetOptions ob = bo;
+        ob.bits_per_element = budgets[bi].bits;
+        if (obj == "kl") ob.layer_weights = layer_weights;
+        VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice choice,
+                              kernels::ChooseSplitFromErrors(full_cfg, split_errors, ob));
+        std::fprintf(stderr, "fit --bits %g%s (objective %s) chose:\n%s", budgets[bi].bits,
+                     tag.c_str(), obj.c_str(), choice.table.c_str());
+        chosen.push_back({bi, obj == "kl", choice.config});
+      }
     }
     if (refit && fit_set.tokens(0) < calib.tokens(0)) {
       // The splits are chosen; fit again on every calibration sequence (the same stage-wise
@@ -366,12 +478,13 @@ absl::Status Fidelity(const Flags& f) {
                        absl::StrCat("paper: ", SplitText(paper_cfg)),
                        std::make_shared<const kernels::Codebook>(std::move(paper_cb)), "rvq"});
     }
-    for (size_t bi = 0; bi < budgets.size(); ++bi) {
-      VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, chosen[bi]));
-      const Candidate base{absl::StrCat("rvq fit --bits ", budgets[bi].bits, tag),
-                           absl::StrCat("chosen: ", SplitText(chosen[bi])),
-                           std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq",
-                           budgets[bi].context};
+    for (const Chosen& ch : chosen) {
+      VQKV_ASSIGN_OR_RETURN(kernels::Codebook cb, kernels::TruncateCodebook(full, ch.config));
+      const Budget& b = budgets[ch.budget];
+      const Candidate base{
+          absl::StrCat("rvq fit --bits ", b.bits, ch.kl ? " kl-weighted" : "", tag),
+          absl::StrCat("chosen: ", SplitText(ch.config)),
+          std::make_shared<const kernels::Codebook>(std::move(cb)), "rvq", b.context};
       cands.push_back(base);
       // The same codebook with beam search and/or outlier tokens (beam alone only without
       // --outliers).
@@ -521,6 +634,11 @@ int RunFidelity(int argc, char** argv) {
             "evaluate scalar-2, scalar-4 and the paper split too (--baselines=false: raw and the "
             "chosen rvq rows only, for quicker comparisons)",
             true},
+           {"split-objective", "attn",
+            "what `fit --bits` minimises across layers: attn (the sum of attention-output "
+            "errors), kl (each layer's squared error weighted by how much compressing that layer "
+            "alone moves the model's next-token distributions on the held-out calibration "
+            "sequences; costs one model pass per layer), or attn,kl (rows for both)"},
            {"codebook-cache", "",
             "folder: save each fit there and load it in a later run with the same samples and "
             "settings instead of fitting again"},

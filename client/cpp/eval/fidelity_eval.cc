@@ -121,6 +121,14 @@ absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, co
     fo.recent_tokens = opts.recent_tokens;
     fo.transform = [&](int layer, const std::vector<float>& k, const std::vector<float>& v,
                        std::vector<float>* kh, std::vector<float>* vh) -> absl::Status {
+      if (!opts.compress_layers.empty() &&
+          (layer >= int(opts.compress_layers.size()) || !opts.compress_layers[layer])) {
+        *kh = k;
+        *vh = v;
+        k_hat[layer] = k;
+        v_hat[layer] = v;
+        return absl::OkStatus();
+      }
       // Store the layer as blocks of block_tokens, as the service would, and read it back.
       const int64_t row_elems = int64_t{H} * D;
       for (int b0 = 0; b0 < T; b0 += opts.block_tokens) {
@@ -225,6 +233,29 @@ absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, co
   row.bits_codes = compressed_elems > 0 ? double(code_bytes) * 8 / double(compressed_elems) : 0;
   row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return row;
+}
+
+absl::StatusOr<LayerSensitivity> MeasureLayerSensitivity(
+    const model::LlamaModel& m, const Corpus& c, const Reference& ref, const kernels::Codec& codec,
+    const EvalOptions& opts,
+    const std::function<void(int64_t, int64_t, const std::string&)>& progress) {
+  const int L = m.config().num_hidden_layers;
+  LayerSensitivity out;
+  EvalOptions one = opts;
+  one.max_attention_queries = 1;  // attention metrics are not needed here
+  for (int l = 0; l <= L; ++l) {
+    // l == L: every layer compressed.
+    one.compress_layers.assign(L, l == L);
+    if (l < L) one.compress_layers[l] = true;
+    VQKV_ASSIGN_OR_RETURN(EvalRow row, Evaluate(m, c, ref, codec, 0, one));
+    if (l < L) {
+      out.kl.push_back(row.kl);
+    } else {
+      out.all_kl = row.kl;
+    }
+    if (progress) progress(l + 1, L + 1, absl::StrCat("layer ", l, " KL ", row.kl));
+  }
+  return out;
 }
 
 absl::StatusOr<EvalRow> EvaluateOnSamples(const kernels::KvSamples& s, const kernels::Codec& codec,

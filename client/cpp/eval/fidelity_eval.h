@@ -6,6 +6,7 @@
 // Thread-safety: functions are reentrant; they parallelise internally.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,10 @@ struct EvalOptions {
   // sequence, evenly spaced from the last one backwards (0: every position). Perplexity, top-1
   // and KL always score every position.
   int64_t max_attention_queries = 0;
+  // Non-empty: only layers l with compress_layers[l] read the codec's reconstruction; the others
+  // keep their exact cache (per-layer sensitivity, LayerSensitivity below). The bits and K/V
+  // columns then cover the compressed layers only.
+  std::vector<bool> compress_layers;
 };
 
 struct EvalRow {
@@ -71,6 +76,21 @@ absl::StatusOr<Reference> ComputeReference(const model::LlamaModel& m, const Cor
 absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, const Reference& ref,
                                  const kernels::Codec& codec, int64_t codebook_bytes,
                                  const EvalOptions& opts);
+
+// How much each layer's compression moves the model's predictions: KL(p_exact || p_codec) of
+// next-token distributions with only that layer compressed (every other layer exact), on `c`.
+// For a small perturbation KL is quadratic in the attention-output error, and the layers'
+// contributions add up; the split chooser weighs each layer's squared error by
+// kl[l] / err[l]^2 (rvq_budget.h BudgetOptions::layer_weights). `all_kl` is the KL with every
+// layer compressed, to check that additivity.
+struct LayerSensitivity {
+  std::vector<double> kl;
+  double all_kl = 0;
+};
+absl::StatusOr<LayerSensitivity> MeasureLayerSensitivity(
+    const model::LlamaModel& m, const Corpus& c, const Reference& ref, const kernels::Codec& codec,
+    const EvalOptions& opts,
+    const std::function<void(int64_t, int64_t, const std::string&)>& progress = nullptr);
 
 // K/V and attention metrics of `codec` on sample vectors (no model): each sequence of each
 // layer is stored as one block from position 0. Model columns (ppl, top-1, KL) are NaN.
