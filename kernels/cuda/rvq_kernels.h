@@ -80,7 +80,7 @@ struct RvqEncodeParams {
 };
 
 // Tile configurations (`variant`) of the tensor-core encode:
-//   0  default: the fastest clean one for this device and head dim (10 on compute capability 9.0
+//   0  default: the fastest clean one for this device and head dim (13 on compute capability 9.0
 //      for head_dim 64/128 when built with sm_90a, else 4)
 //   1-3  mma.sync alternatives for head_dim 128 (see rvq_encode.cu)
 //   4  mma.sync default tiles (any tensor-core head dim, any sm_80+ GPU)
