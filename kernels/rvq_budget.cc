@@ -6,7 +6,11 @@
 #include <limits>
 #include <mutex>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "common/parallel.h"
 #include "common/simd.h"
 #include "common/status_macros.h"
@@ -278,6 +282,32 @@ absl::StatusOr<std::pair<KvSamples, KvSamples>> HoldOutSequences(const KvSamples
     b.seq_starts.assign(s.seq_starts.begin() + keep, s.seq_starts.end());
   }
   return std::make_pair(std::move(a), std::move(b));
+}
+
+absl::StatusOr<std::vector<double>> ParseLayerWeights(absl::string_view text) {
+  std::vector<double> w;
+  int line_no = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++line_no;
+    line = absl::StripAsciiWhitespace(line);
+    if (line.empty() || line[0] == '#') continue;
+    double v = 0;
+    if (!absl::SimpleAtod(line, &v) || !std::isfinite(v) || v < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("layer weights, line ", line_no, ": '", line,
+                                                     "' is not a finite number >= 0"));
+    }
+    w.push_back(v);
+  }
+  if (w.empty()) return absl::InvalidArgumentError("layer weights: no weights");
+  return w;
+}
+
+std::string FormatLayerWeights(const std::vector<double>& weights, absl::string_view comment) {
+  std::string s;
+  for (absl::string_view line : absl::StrSplit(comment, '\n', absl::SkipEmpty()))
+    absl::StrAppend(&s, "# ", line, "\n");
+  for (double v : weights) absl::StrAppend(&s, absl::StrFormat("%.9g\n", v));
+  return s;
 }
 
 absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib,

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "kernels/codebook.h"
 #include "kernels/kv.h"
 
@@ -71,6 +72,11 @@ absl::StatusOr<BudgetChoice> ChooseSplitFromErrors(const RvqConfig& full, const 
 // with fewer than two sequences or holdout outside (0, 1).
 absl::StatusOr<std::pair<KvSamples, KvSamples>> HoldOutSequences(const KvSamples& samples,
                                                                  double holdout);
+
+// Text form of BudgetOptions::layer_weights: one finite number >= 0 per line, lines starting with
+// '#' are comments. Parse: InvalidArgument naming the line for anything else, or no weights.
+absl::StatusOr<std::vector<double>> ParseLayerWeights(absl::string_view text);
+std::string FormatLayerWeights(const std::vector<double>& weights, absl::string_view comment);
 
 // MeasureSplitErrors followed by ChooseSplitFromErrors.
 absl::StatusOr<BudgetChoice> ChooseSplit(const Codebook& full, const KvSamples& calib,

@@ -38,6 +38,20 @@ ls "$tmp/cache"/sens-*.txt >/dev/null || fail "no cached sensitivities"
 "$vqkv" "${args[@]}" --split-objective kl >"$tmp/l.out" 2>"$tmp/l.err" || { cat "$tmp/l.err"; fail "second kl run"; }
 grep -q "layer sensitivity: loaded" "$tmp/l.err" || fail "sensitivities not loaded from the cache"
 grep -q '^| 128 | rvq fit --bits 2.2 \[\|^| 128 | rvq fit --bits 2.2 |' "$tmp/l.out" && fail "plain rows with --split-objective kl"
+# The weights go to a file that `vqkv fit --bits --layer-weights` takes.
+"$vqkv" "${args[@]}" --split-objective kl --sensitivity-pack --layer-weights-out "$tmp/w.txt" \
+  >"$tmp/p.out" 2>"$tmp/p.err" || { cat "$tmp/p.err"; fail "packed kl run"; }
+grep -q "joined into [0-9]* context" "$tmp/p.err" || fail "packed sensitivity not reported"
+[ "$(grep -vc '^#' "$tmp/w.txt")" = 2 ] || fail "layer weights file: $(cat "$tmp/w.txt")"
+"$vqkv" capture --model "$model" --max-seqs 8 --max-tokens 128 --out "$tmp/s.safetensors" 2>/dev/null ||
+  fail "capture"
+"$vqkv" fit --samples "$tmp/s.safetensors" --bits 2.5 --iters 1 --layer-weights "$tmp/w.txt" \
+  --out "$tmp/cb.safetensors" >"$tmp/f.out" 2>"$tmp/f.err" || { cat "$tmp/f.err"; fail "fit with weights"; }
+grep -q "weight" "$tmp/f.out" || fail "fit did not use the weights"
+printf '1\n2\n3\n' >"$tmp/w3.txt"
+if "$vqkv" fit --samples "$tmp/s.safetensors" --bits 2.5 --iters 1 --layer-weights "$tmp/w3.txt" \
+  --out "$tmp/cb3.safetensors" >/dev/null 2>"$tmp/f3.err"; then fail "3 weights for 2 layers accepted"; fi
+grep -q "holds 3 weights but the samples have 2 layers" "$tmp/f3.err" || fail "weights count message"
 if "$vqkv" "${args[@]}" --split-objective mse >/dev/null 2>"$tmp/m.err"; then fail "unknown objective accepted"; fi
 grep -q "use attn, kl or attn,kl" "$tmp/m.err" || fail "objective error message"
 # A budget for a context that is not evaluated is an error, not a silent no-op.

@@ -126,6 +126,20 @@ TEST(RvqBudgetTest, LayerWeightsMoveBitsToTheSensitiveLayer) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(RvqBudgetTest, LayerWeightsTextRoundTrip) {
+  const std::vector<double> w = {0.0246, 0.153, 1e-9, 12.5};
+  const std::string text = FormatLayerWeights(w, "made by a test\nsecond line");
+  EXPECT_EQ(text.rfind("# made by a test\n# second line\n", 0), 0u) << text;
+  auto back = ParseLayerWeights(text);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->size(), w.size());
+  for (size_t i = 0; i < w.size(); ++i) EXPECT_NEAR((*back)[i], w[i], 1e-8 * w[i]);
+  for (const char* bad : {"1\nx\n", "1\n-2\n", "inf\n", "nan\n", "# only a comment\n", ""}) {
+    EXPECT_EQ(ParseLayerWeights(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  EXPECT_NE(ParseLayerWeights("1\nx\n").status().message().find("line 2"), absl::string_view::npos);
+}
+
 TEST(RvqBudgetTest, HoldOutSequencesSplitsWholeSequences) {
   const KvShape shape{2, 30, 2, 8};
   const auto x = testing::RandomKv(shape, 41);

@@ -12,6 +12,7 @@
 #include "client/cpp/eval/fidelity_eval.h"
 #include "client/cpp/eval/samples_io.h"
 #include "common/progress.h"
+#include "common/safetensors.h"
 #include "common/status_macros.h"
 #include "kernels/codebook.h"
 #include "kernels/codec.h"
@@ -207,6 +208,15 @@ absl::Status Fit(const Flags& f) {
     if (s.q.empty())
       return absl::InvalidArgumentError(
           "fit --bits needs samples with queries (from `vqkv capture`)");
+    if (f.IsSet("layer-weights")) {
+      VQKV_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.Str("layer-weights")));
+      VQKV_ASSIGN_OR_RETURN(budget.layer_weights, kernels::ParseLayerWeights(text));
+      if (int(budget.layer_weights.size()) != s.layers) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "fit: --layer-weights ", f.Str("layer-weights"), " holds ", budget.layer_weights.size(),
+            " weights but the samples have ", s.layers, " layers"));
+      }
+    }
     cfg = kernels::MaxStagesConfig(s.layers, s.kv_heads, s.head_dim, budget, per_head);
   } else {
     VQKV_ASSIGN_OR_RETURN(kernels::StageConfig k, kernels::ParseStageConfig(f.Str("k")));
@@ -284,6 +294,10 @@ int RunFit(int argc, char** argv) {
         "instead of --k/--v: a code budget in bits/element; the split between K and V and across "
         "layers is chosen on the samples (needs queries)"},
        {"k-size", "1024", "with --bits: key codebook size"},
+       {"layer-weights", "",
+        "with --bits: a file of one weight per layer (as `vqkv fidelity --split-objective kl "
+        "--layer-weights-out FILE` writes): minimise the weighted squared errors, i.e. the "
+        "predicted KL, instead of the sum of errors"},
        {"v-size", "512", "with --bits: value codebook size"},
        {"uniform-split", "", "with --bits: the same split on every layer", true},
        {"split-holdout", "0.25",

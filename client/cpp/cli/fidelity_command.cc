@@ -84,23 +84,37 @@ uint64_t Fnv1a(const std::string& s) {
 
 // Per-layer weights for --split-objective kl (rvq_budget.h BudgetOptions::layer_weights):
 // the split the plain objective picks at the largest budget, each layer compressed alone on the
-// last `held` calibration sequences (those the codebook was not fitted on), KL of next-token
+// last `held` calibration sequences (those the codebook was not fitted on; with `pack` joined
+// into one context), KL of next-token
 // distributions over that layer's squared calibration attention-output error. `cache_path`
 // (may be empty) keeps the measured KLs for a later run with the same settings.
 absl::StatusOr<std::vector<double>> KlLayerWeights(
     const ModelSetup& setup, const eval::Corpus& calib_corpus, size_t held,
     const kernels::Codebook& full, const kernels::RvqConfig& full_cfg,
     const kernels::SplitErrors& errors, const kernels::BudgetOptions& bo,
-    const eval::EvalOptions& eo, const std::string& cache_path, const std::string& tag) {
+    const eval::EvalOptions& eo, bool pack, const std::string& cache_path, const std::string& tag) {
   VQKV_ASSIGN_OR_RETURN(kernels::BudgetChoice base,
                         kernels::ChooseSplitFromErrors(full_cfg, errors, bo));
   const int L = full_cfg.layers;
   eval::Corpus held_out;
   held = std::min(held, calib_corpus.seqs.size());
   held_out.seqs.assign(calib_corpus.seqs.end() - int64_t(held), calib_corpus.seqs.end());
+  if (pack) {
+    // Long contexts, as long-context requests see the layers: attention spread over more
+    // compressed tokens and more story starts.
+    // Contexts stay within the model's context length.
+    const size_t max_len = size_t(std::max(1, setup.model.config().max_position_embeddings));
+    std::vector<std::vector<int>> packed(1);
+    for (const auto& sq : held_out.seqs) {
+      if (!packed.back().empty() && packed.back().size() + sq.size() > max_len)
+        packed.emplace_back();
+      packed.back().insert(packed.back().end(), sq.begin(), sq.end());
+    }
+    held_out.seqs = std::move(packed);
+  }
   const std::string key =
       absl::StrCat(base.config.ToString(), "|", eo.sink_tokens, "|", eo.recent_tokens, "|",
-                   eo.block_tokens, "|", held_out.tokens());
+                   eo.block_tokens, "|", held_out.tokens(), pack ? "|packed" : "");
   eval::LayerSensitivity sens;
   bool loaded = false;
   if (!cache_path.empty() && std::filesystem::exists(cache_path)) {
@@ -146,11 +160,13 @@ absl::StatusOr<std::vector<double>> KlLayerWeights(
   }
   std::vector<double> w(L);
   double sum = 0;
-  std::fprintf(stderr,
-               "layer sensitivity%s on %zu held-out sequences (%lld tokens), split of fit --bits "
-               "%g:\n",
-               tag.c_str(), held_out.seqs.size(), (long long)held_out.tokens(),
-               bo.bits_per_element);
+  std::fprintf(
+      stderr,
+      "layer sensitivity%s on %zu held-out sequences%s (%lld tokens), split of fit "
+      "--bits %g:\n",
+      tag.c_str(), held,
+      pack ? absl::StrCat(" joined into ", held_out.seqs.size(), " context(s)").c_str() : "",
+      (long long)held_out.tokens(), bo.bits_per_element);
   for (int l = 0; l < L; ++l) {
     const double e = errors.err[l][base.config.k[l].stages - 1][base.config.v[l].stages - 1];
     w[l] = e > 0 ? sens.kl[l] / (e * e) : 0;
@@ -442,8 +458,22 @@ absl::Status Fidelity(const Flags& f) {
       VQKV_ASSIGN_OR_RETURN(
           layer_weights,
           KlLayerWeights(*setup, calib_corpus, choose_set.seq_lens.size(), full, full_cfg,
-                         split_errors, bo, eo,
-                         f.Str("codebook-cache").empty() ? "" : cached("sens") + ".txt", tag));
+                         split_errors, bo, eo, f.Bool("sensitivity-pack"),
+                         f.Str("codebook-cache").empty()
+                             ? ""
+                             : cached(f.Bool("sensitivity-pack") ? "sens-packed" : "sens") + ".txt",
+                         tag));
+      if (!f.Str("layer-weights-out").empty()) {
+        VQKV_RETURN_IF_ERROR(WriteStringToFile(
+            f.Str("layer-weights-out"),
+            kernels::FormatLayerWeights(
+                layer_weights,
+                absl::StrCat("vqkv fidelity --split-objective kl", tag,
+                             ": KL per squared "
+                             "attention-output error, one line per layer (model ",
+                             setup->model_dir, "); for vqkv fit --bits B --layer-weights"))));
+        std::fprintf(stderr, "wrote layer weights to %s\n", f.Str("layer-weights-out").c_str());
+      }
     }
     struct Chosen {
       size_t budget;
@@ -572,77 +602,86 @@ absl::Status Fidelity(const Flags& f) {
 }  // namespace
 
 int RunFidelity(int argc, char** argv) {
-  Flags f("fidelity",
-          "Fit rvq codebooks on the first part of a text's stories (--calib-fraction) and compare "
-          "raw, scalar-2/4 and rvq on the rest with the real model (K/V error, attention error, "
-          "perplexity, top-1 agreement, KL).",
-          {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
-           {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
-           {"max-tokens", "512",
-            "tokens per calibration context (and per evaluation context without --contexts)"},
-           {"contexts", "", "evaluate at each of these context lengths, e.g. 512,2048,8192"},
-           {"eval-tokens", "0",
-            "with --contexts: about this many evaluation tokens per context (0: --eval-seqs)"},
-           {"max-stages", "",
-            "cap the stages fitted for the split chooser at K,V (e.g. 32,16; the paper split is "
-            "always fitted); default: as many as the largest budget could use"},
-           {"split-holdout", "0.25",
-            "share of the calibration sequences held out of the fit for the split chooser (0: "
-            "choose on the fitting data, which favours stages that memorise it)"},
-           {"refit", "true",
-            "after choosing splits on the held-out sequences, fit again on all calibration "
-            "sequences (--refit=false keeps the codebook the splits were measured on)",
-            true},
-           {"split-queries", "0",
-            "split chooser: at most this many query positions per calibration sequence (0: every "
-            "4th)"},
-           {"attn-queries", "0",
-            "attention metrics on at most this many query positions per sequence (0: all)"},
-           {"per-story", "",
-            "one story per sequence instead of packing stories into max-tokens contexts", true},
-           {"calib-fraction", "0.5",
-            "share of the stories (from the start) used for calibration; the rest evaluates"},
-           {"calib-seqs", "0", "calibration sequences (0: all calibration stories)"},
-           {"eval-seqs", "0", "evaluation sequences (0: all evaluation stories)"},
-           {"paper", "auto",
-            "the paper's split (head_dim 128: K 56x1024, V 16x512); auto scales the stages to the "
-            "model's head_dim, or give K stages x size, V stages x size"},
-           {"budgets", "2.75,2.5",
-            "code budgets (bits/element) for which `fit --bits` chooses a split; CONTEXT:BITS "
-            "evaluates that budget at one --contexts length only (e.g. 512:2.2,8192:2.3: the "
-            "fixed overheads differ with length)"},
-           {"iters", "10", "Lloyd iterations per stage"},
-           {"max-vectors", "65536", "training vectors per table (subsampled)"},
-           {"sinks", "4", "leading tokens kept exact"},
-           {"recent", "32", "most recent tokens kept exact"},
-           {"per-head", "", "one codebook per KV head (default: shared by a layer's heads)", true},
-           {"code-spaces", "none",
-            "rvq code spaces to fit and compare, comma-separated: none, or rope (keys coded "
-            "before RoPE, so codebooks calibrated on short contexts hold at long ones), kscale "
-            "(key channels weighted by the calibration queries' RMS), vscale (value channels "
-            "weighted by the output projection's column norms) joined by '+', e.g. "
-            "none,rope,rope+kscale"},
-           {"scale-exponent", "1", "channel weights are energy^(exponent/2)"},
-           {"beam", "1",
-            "> 1: beam search of this width in the --outliers rows, or (without --outliers) a "
-            "beam row after each `fit --bits` row"},
-           {"outliers", "",
-            "comma-separated counts: each adds every `fit --bits` row again with this many "
-            "outlier tokens per block and layer (their residual stored as int8; see "
-            "CodecSpec::outliers)"},
-           {"baselines", "true",
-            "evaluate scalar-2, scalar-4 and the paper split too (--baselines=false: raw and the "
-            "chosen rvq rows only, for quicker comparisons)",
-            true},
-           {"split-objective", "attn",
-            "what `fit --bits` minimises across layers: attn (the sum of attention-output "
-            "errors), kl (each layer's squared error weighted by how much compressing that layer "
-            "alone moves the model's next-token distributions on the held-out calibration "
-            "sequences; costs one model pass per layer), or attn,kl (rows for both)"},
-           {"codebook-cache", "",
-            "folder: save each fit there and load it in a later run with the same samples and "
-            "settings instead of fitting again"},
-           {"markdown", "", "also write the table to this file"}});
+  Flags f(
+      "fidelity",
+      "Fit rvq codebooks on the first part of a text's stories (--calib-fraction) and compare "
+      "raw, scalar-2/4 and rvq on the rest with the real model (K/V error, attention error, "
+      "perplexity, top-1 agreement, KL).",
+      {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
+       {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
+       {"max-tokens", "512",
+        "tokens per calibration context (and per evaluation context without --contexts)"},
+       {"contexts", "", "evaluate at each of these context lengths, e.g. 512,2048,8192"},
+       {"eval-tokens", "0",
+        "with --contexts: about this many evaluation tokens per context (0: --eval-seqs)"},
+       {"max-stages", "",
+        "cap the stages fitted for the split chooser at K,V (e.g. 32,16; the paper split is "
+        "always fitted); default: as many as the largest budget could use"},
+       {"split-holdout", "0.25",
+        "share of the calibration sequences held out of the fit for the split chooser (0: "
+        "choose on the fitting data, which favours stages that memorise it)"},
+       {"refit", "true",
+        "after choosing splits on the held-out sequences, fit again on all calibration "
+        "sequences (--refit=false keeps the codebook the splits were measured on)",
+        true},
+       {"split-queries", "0",
+        "split chooser: at most this many query positions per calibration sequence (0: every "
+        "4th)"},
+       {"attn-queries", "0",
+        "attention metrics on at most this many query positions per sequence (0: all)"},
+       {"per-story", "",
+        "one story per sequence instead of packing stories into max-tokens contexts", true},
+       {"calib-fraction", "0.5",
+        "share of the stories (from the start) used for calibration; the rest evaluates"},
+       {"calib-seqs", "0", "calibration sequences (0: all calibration stories)"},
+       {"eval-seqs", "0", "evaluation sequences (0: all evaluation stories)"},
+       {"paper", "auto",
+        "the paper's split (head_dim 128: K 56x1024, V 16x512); auto scales the stages to the "
+        "model's head_dim, or give K stages x size, V stages x size"},
+       {"budgets", "2.75,2.5",
+        "code budgets (bits/element) for which `fit --bits` chooses a split; CONTEXT:BITS "
+        "evaluates that budget at one --contexts length only (e.g. 512:2.2,8192:2.3: the "
+        "fixed overheads differ with length)"},
+       {"iters", "10", "Lloyd iterations per stage"},
+       {"max-vectors", "65536", "training vectors per table (subsampled)"},
+       {"sinks", "4", "leading tokens kept exact"},
+       {"recent", "32", "most recent tokens kept exact"},
+       {"per-head", "", "one codebook per KV head (default: shared by a layer's heads)", true},
+       {"code-spaces", "none",
+        "rvq code spaces to fit and compare, comma-separated: none, or rope (keys coded "
+        "before RoPE, so codebooks calibrated on short contexts hold at long ones), kscale "
+        "(key channels weighted by the calibration queries' RMS), vscale (value channels "
+        "weighted by the output projection's column norms) joined by '+', e.g. "
+        "none,rope,rope+kscale"},
+       {"scale-exponent", "1", "channel weights are energy^(exponent/2)"},
+       {"beam", "1",
+        "> 1: beam search of this width in the --outliers rows, or (without --outliers) a "
+        "beam row after each `fit --bits` row"},
+       {"outliers", "",
+        "comma-separated counts: each adds every `fit --bits` row again with this many "
+        "outlier tokens per block and layer (their residual stored as int8; see "
+        "CodecSpec::outliers)"},
+       {"baselines", "true",
+        "evaluate scalar-2, scalar-4 and the paper split too (--baselines=false: raw and the "
+        "chosen rvq rows only, for quicker comparisons)",
+        true},
+       {"split-objective", "attn",
+        "what `fit --bits` minimises across layers: attn (the sum of attention-output "
+        "errors), kl (each layer's squared error weighted by how much compressing that layer "
+        "alone moves the model's next-token distributions on the held-out calibration "
+        "sequences; costs one model pass per layer), or attn,kl (rows for both)"},
+       {"sensitivity-pack", "",
+        "--split-objective kl: measure the layers' sensitivity on the held-out calibration "
+        "sequences joined into long contexts (up to the model's context length; default: each on "
+        "its own)",
+        true},
+       {"layer-weights-out", "",
+        "--split-objective kl: also write the layer weights to this file (for `vqkv fit "
+        "--bits B --layer-weights FILE`)"},
+       {"codebook-cache", "",
+        "folder: save each fit there and load it in a later run with the same samples and "
+        "settings instead of fitting again"},
+       {"markdown", "", "also write the table to this file"}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Fidelity(f);
   return st.ok() ? 0 : Fail(st);
