@@ -3,15 +3,21 @@
 //   LLaMA-3.1-8B:     32 layers, 8 KV heads, head_dim 128, rvq K 56x1024 + V 16x512 (the paper's)
 // Blocks are fp16 in, fp16 out. Codebooks are random (speed does not depend on their content);
 // data is random normal. Counters: tokens/s and logical fp16 KV bytes/s.
+// Also the rvq search itself at SmolLM2's head_dim (64; 20 stages x 1024, 768 vectors = one
+// 256-token block of 3 KV heads): greedy and beam search per vector (EncodeVector, the old beam
+// path) against the batched tiled search (EncodeVectorsBeam), side by side.
 //   build/bench/vqkv_codec_bench --benchmark_min_time=1
+#include <cmath>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "benchmark/benchmark.h"
+#include "common/parallel.h"
 #include "kernels/codebook.h"
 #include "kernels/codec.h"
+#include "kernels/vq_search.h"
 
 namespace vqkv::kernels {
 namespace {
@@ -84,7 +90,55 @@ void Run(benchmark::State& state, const Geometry& g, const std::string& codec_na
   state.SetLabel(codec->Label());
 }
 
+void RunSearch(benchmark::State& state, bool batched) {
+  const int beam = static_cast<int>(state.range(0));
+  constexpr int kDim = 64, kStages = 20, kSize = 1024, kVectors = 768;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0, 1);
+  std::vector<std::vector<float>> tables(kStages), norms(kStages);
+  std::vector<const float*> tp, np;
+  std::vector<int> sizes(kStages, kSize);
+  for (int i = 0; i < kStages; ++i) {
+    tables[i].resize(size_t(kSize) * kDim);
+    const float scale = std::pow(0.85f, float(i));  // residual stages shrink
+    for (auto& x : tables[i]) x = scale * nd(rng);
+    norms[i].resize(kSize);
+    for (int j = 0; j < kSize; ++j) {
+      float n = 0;
+      for (int d = 0; d < kDim; ++d) n += tables[i][j * kDim + d] * tables[i][j * kDim + d];
+      norms[i][j] = n;
+    }
+    tp.push_back(tables[i].data());
+    np.push_back(norms[i].data());
+  }
+  std::vector<float> x(size_t(kVectors) * kDim);
+  for (auto& v : x) v = 2.5f * nd(rng);
+  std::vector<int32_t> codes(size_t(kVectors) * kStages);
+  for (auto _ : state) {
+    if (batched) {
+      EncodeVectorsBeam(x.data(), kVectors, kDim, tp, np, sizes, beam, codes.data());
+    } else {
+      ParallelFor(kVectors, 16, [&](int64_t b, int64_t e) {
+        for (int64_t v = b; v < e; ++v)
+          EncodeVector(x.data() + v * kDim, kDim, tp, np, sizes, beam, codes.data() + v * kStages);
+      });
+    }
+    benchmark::DoNotOptimize(codes.data());
+  }
+  state.counters["vectors/s"] =
+      benchmark::Counter(double(kVectors) * state.iterations(), benchmark::Counter::kIsRate);
+}
+
 void Register() {
+  for (bool batched : {false, true}) {
+    benchmark::RegisterBenchmark(
+        (std::string("d64_20x1024/") + (batched ? "batched" : "per_vector") + "/beam").c_str(),
+        [batched](benchmark::State& s) { RunSearch(s, batched); })
+        ->Arg(1)
+        ->Arg(4)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
   for (const Geometry* g : {&kTiny, &kLlama8B}) {
     for (const char* c : {"raw", "scalar-2", "scalar-4", "rvq"}) {
       for (bool enc : {true, false}) {
