@@ -570,9 +570,10 @@ bool Sm90Usable(int dim) {
 
 // The wgmma configuration variant 0 runs on sm_90 (see rvq_kernels.h): 13, one CTA per SM of
 // three independent, staggered consumer warpgroups fed by a TMA producer warp (ping-pong); 7%
-// faster than 10 side by side (95.7k against 89.1k tokens/s; docs/benchmarks-gpu.md, note 6). Its
-// ring slots are released by per-thread mbarrier arrivals, which compute-sanitizer's racecheck
-// follows (0 hazards).
+// faster than 10 side by side (95.7k against 89.1k tokens/s; docs/benchmarks-gpu.md, note 6);
+// 11% (100.0k against 90.1k, note 7) since its chunk step was trimmed and its consumers run at
+// 160 registers (setmaxnreg, a producer warpgroup). Its ring slots are released by per-thread
+// mbarrier arrivals, which compute-sanitizer's racecheck follows (0 hazards).
 constexpr int kSm90Default = 13;
 
 // Variant actually run for (dim, variant): 0 is the fastest measured configuration available

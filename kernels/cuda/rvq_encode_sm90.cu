@@ -809,6 +809,9 @@ __device__ __forceinline__ void InitFromOffsets(float (&acc)[32], uint32_t a0) {
 // Epilogue of a chunk: the 6-bit in-chunk index (reversed) into each score with one LOP3 (qbits:
 // see the kernels), the chunk's maxima per [row g | g + 8] x [even | odd column], merged into
 // the running maxima m with the chunk's index bits cbits (hi_mask: the index bits above 6).
+// kLop (variants 12/13, whose cbits are counted down): that merge as one explicit LOP3 each;
+// variants 8-11 keep the C++ form (and their SASS).
+template <bool kLop = false>
 __device__ __forceinline__ void ChunkMax(float (&m)[4], const float (&acc)[32], uint32_t qbits,
                                          uint32_t cbits, uint32_t hi_mask) {
   float mc[4];
@@ -834,7 +837,16 @@ __device__ __forceinline__ void ChunkMax(float (&m)[4], const float (&acc)[32], 
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    m[i] = fmaxf(m[i], __uint_as_float((__float_as_uint(mc[i]) & ~hi_mask) | cbits));
+    if constexpr (kLop) {
+      // (mc & ~hi_mask) | cbits as one LOP3 (0xBA; ptxas otherwise splits it).
+      uint32_t v;
+      asm("lop3.b32 %0, %1, %2, %3, 0xBA;\n"
+          : "=r"(v)
+          : "r"(__float_as_uint(mc[i])), "r"(hi_mask), "r"(cbits));
+      m[i] = fmaxf(m[i], __uint_as_float(v));
+    } else {
+      m[i] = fmaxf(m[i], __uint_as_float((__float_as_uint(mc[i]) & ~hi_mask) | cbits));
+    }
   }
 }
 
@@ -1252,7 +1264,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 // previous ones completed. Here:
 //  - one CTA per SM: WGS consumer warpgroups of 64 rows each plus one producer warp that alone
 //    issues the TMA loads into a deep ring (full and empty mbarrier per slot); no CTA barrier
-//    after the setup, so the warpgroups run independently, bounded only by the ring;
+//    after the setup, so the warpgroups run independently, bounded only by the ring. In 13 the
+//    producer warp is one of a whole warpgroup (the other three warps exit at once) that hands
+//    registers back with setmaxnreg (24 per thread), so that the consumers run at 160 instead of
+//    the 128 that 13 warps allow (each SM scheduler's 16,384 registers over 4 warps): no spills
+//    (24 bytes of stack before), the rescore's codeword loads two batches ahead; +2.2% side by
+//    side (2026-11-29 17:32 UTC; one batch ahead +1.8%, three 1.0% with 40 bytes of spills);
 //  - warpgroup w + 1 starts a fixed number of chunks after warpgroup w, so that their stage ends
 //    fall at different times and each one's rescore runs while the others' MMAs keep the tensor
 //    cores busy (as FlashAttention-3 overlaps one warpgroup's softmax with another's GEMMs);
@@ -1270,15 +1287,26 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 // instead of the CTA barrier, and in 13 the score offsets stored by the producer warp in a
 // per-lane order for LDS.128 loads (as many shared-memory wavefronts; copying them into the row
 // g + 8 accumulators makes ptxas serialize the MMAs) and other start lags.
-template <int D_, int WGS_, int NBUF_, int AHEAD_>
+template <int D_, int WGS_, int NBUF_, int AHEAD_, int CREGS_ = 0, int PREGS_ = 0>
 struct PingCfg {
   static constexpr int kD = D_;
+  // CREGS_ > 0: a whole producer warpgroup (one warp loads, three idle) that gives registers
+  // back with setmaxnreg (PREGS_ per thread) so that the consumers can take CREGS_ each.
+  static constexpr int kCRegs = CREGS_;
+  static constexpr int kPRegs = PREGS_;
+  // setmaxnreg: multiples of 8 in [24, 256]; what the producers give back covers the consumers'
+  // increase over the launch's 128 (65,536 / 512 threads), and every SM scheduler's 16,384
+  // registers hold its 3 consumer warps and 1 producer-warpgroup warp.
+  static_assert(kCRegs == 0 || (kCRegs % 8 == 0 && kPRegs % 8 == 0 && kPRegs >= 24 &&
+                                kCRegs <= 256 && 4 * kPRegs + 4 * WGS_ * kCRegs <= 2048 &&
+                                WGS_ == 3 && (3 * kCRegs + kPRegs) * 32 <= 16384),
+                "setmaxnreg register split");
   static constexpr int kWGS = WGS_;  // consumer warpgroups
   static constexpr int kBM = WGS_ * 64;
   static constexpr int kBN = kRvqChunk;
   static constexpr int kNBUF = NBUF_;
   static constexpr int kConsumerThreads = WGS_ * 128;
-  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
+  static constexpr int kThreads = kConsumerThreads + (CREGS_ > 0 ? 128 : 32);  // + producer(s)
   static constexpr int kKS = D_ / 16;
   static constexpr int kVW = D_ / 32;
   static constexpr int kR = D_ == 128 ? 4 : 8;
@@ -1307,10 +1335,11 @@ struct PingCfg {
 // ring, rescore codeword loads two batches ahead.
 template <int D>
 using PingTwo = PingCfg<D, 2, (D == 128 ? 10 : 16), 2>;
-// Variant 13: 3 consumer warpgroups (192-row tiles, 2/3 of the L2 traffic per row; 128 registers
-// per thread), 8-chunk ring.
+// Variant 13: 3 consumer warpgroups (192-row tiles, 2/3 of the L2 traffic per row; 160 registers
+// per consumer thread through setmaxnreg, a producer warpgroup at 24), 8-chunk ring, rescore
+// codeword loads two batches ahead.
 template <int D>
-using PingThree = PingCfg<D, 3, (D == 128 ? 8 : 16), (D == 128 ? 1 : 2)>;
+using PingThree = PingCfg<D, 3, (D == 128 ? 8 : 16), 2, 160, 24>;
 
 __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
@@ -1371,9 +1400,13 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   __syncthreads();  // the only CTA barrier: the roles below never wait for each other's threads
 
   // ---- producer warp: chunk after chunk of cb16 / cinit into the ring, each slot once all
-  // consumer warps released it ----
+  // consumer warps released it (with kCRegs: the first warp of the producer warpgroup, whose
+  // warps all hand their registers back first) ----
   if (wg == C::kWGS) {
-    if (lane == 0) {
+    if constexpr (C::kCRegs > 0) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(C::kPRegs));
+    }
+    if (lane == 0 && warp == 4 * C::kWGS) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap))
                    : "memory");
       int s = 0;
@@ -1392,6 +1425,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       }
     }
     return;
+  }
+
+  if constexpr (C::kCRegs > 0) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(C::kCRegs));
   }
 
   // ---- rows: (segment, row, code base) of warp row lane & 15; fp32 residuals in smem ----
@@ -1420,9 +1457,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 
   // wgmma B descriptors: low word = (address >> 4) | LBO 16 B; high word: SBO 1024 B, 128B swizzle.
   const uint32_t desc_lo0 = ((cb_base & 0x3FFFFu) >> 4) | (1u << 16);
-  auto mma = [&](float(&acc)[32], uint32_t boff) {
-    IssueChunkMmas<C>(acc, a, desc_lo0 + (boff >> 4));
-  };
   auto ci_init = [&](float(&acc)[32], const float* csm) {
     InitFromOffsets(acc, SmemAddr(csm + 2 * q));
   };
@@ -1431,9 +1465,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // and 3-5), bits 0 and 3-5 from the accumulator position (immediates, markers at bits 1-2).
   const uint32_t qbits = 0x39u | (static_cast<uint32_t>(3 - q) << 1);
   float m[4];
-  auto epilogue = [&](const float(&acc)[32], int col0) {
-    ChunkMax(m, acc, qbits, (idx_mask ^ static_cast<uint32_t>(col0)) & hi_mask, hi_mask);
-  };
 
   float acc0[32], acc1[32];
   int slot = 0;        // ring slot of this warpgroup's next chunk
@@ -1472,16 +1503,31 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       --go_left;
     }
   };
+  // (Signalling from the chunk loop instead, a uniform test per two chunks outside the step,
+  // measured 3.5% slower, although ptxas's loop had 7 instructions fewer per two chunks:
+  // 2026-11-29 17:16 UTC.)
   int s_cur = 0;  // slot of the chunk whose MMAs are in flight in cur
-  int col0 = 0;   // its first column within the stage
+  // Index bits of cur's chunk, (idx_mask ^ col0) & hi_mask = hi_mask - col0 (col0: its first
+  // column), counted down; merged into the maxima with one LOP3 each (ChunkMax<true>). The
+  // slot's B descriptor from an unsigned product (no byte offset shifted down, whose
+  // wrap-around ptxas masked). Both: 18 instructions fewer per two chunks in ptxas's loop and
+  // +1.2-1.3% side by side (2026-11-29 17:16 and 17:20 UTC).
+  uint32_t cbits = hi_mask;
+  auto start_chunk = [&](float(&acc)[32], int s) {
+    ci_init(acc, cibuf + s * C::kBN);
+    IssueChunkMmas<C>(acc, a, desc_lo0 + static_cast<uint32_t>(s) * (C::kCbBytes >> 4));
+  };
+  auto reduce = [&](const float(&acc)[32]) {
+    ChunkMax<true>(m, acc, qbits, cbits, hi_mask);
+    cbits -= C::kBN;
+  };
   // One chunk: the next chunk's MMAs go into nxt before cur's are waited for; cur is reduced
   // while nxt's run.
   auto step = [&](float(&cur)[32], float(&nxt)[32], auto next_tag) {
     constexpr bool kNext = decltype(next_tag)::value;
     if constexpr (kNext) {
       const int s_nxt = acquire();
-      ci_init(nxt, cibuf + s_nxt * C::kBN);
-      mma(nxt, s_nxt * C::kCbBytes);
+      start_chunk(nxt, s_nxt);
       WgmmaWait<1>();
 #pragma unroll
       for (int i = 0; i < 32; ++i) FenceReg(cur[i]);
@@ -1493,8 +1539,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       for (int i = 0; i < 32; ++i) FenceReg(cur[i]);
       release(s_cur);
     }
-    epilogue(cur, col0);
-    col0 += C::kBN;
+    reduce(cur);
   };
   using V = typename std::conditional<C::kVW == 4, float4, float2>::type;
   constexpr int kShift = C::kR == 4 ? 3 : 2;  // lane l ends up with batch row l >> kShift
@@ -1647,10 +1692,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   for (int stage = 0;;) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) m[i] = -FLT_MAX;
-    col0 = 0;
+    cbits = hi_mask;
     s_cur = acquire();
-    ci_init(acc0, cibuf + s_cur * C::kBN);
-    mma(acc0, s_cur * C::kCbBytes);
+    start_chunk(acc0, s_cur);
     for (int c = 0;; c += 2) {
       if (c + 1 < nchunks) {
         step(acc0, acc1, std::true_type{});

@@ -93,7 +93,8 @@ struct RvqEncodeParams {
 //   10, 11  as 8, 9 with the codeword chunks loaded by TMA (one thread, mbarriers); needs
 //      cb16_base / cb16_rows, else runs 8 / 9
 //   12, 13  ping-pong warpgroups (rvq_encode_sm90.cu): 1 CTA per SM of 2 / 3 independent
-//      consumer warpgroups (128 / 192-row tiles) and a TMA producer warp, staggered so that one
+//      consumer warpgroups (128 / 192-row tiles) and a TMA producer warp (13: in a producer
+//      warpgroup that hands registers to the consumers with setmaxnreg), staggered so that one
 //      warpgroup's stage end overlaps the others' MMAs; needs cb16_base / cb16_rows, else runs
 //      the cp.async kernel of 8 on the same tiles
 // Unsupported variants fall back to 0 everywhere. RvqEncodeTileRows gives the rows per tile of
