@@ -87,6 +87,25 @@ void NearestRange(const float* r, int64_t begin, int64_t end, int dim, const flo
 // Codewords per tile of the transposed search: 3 vectors of 8.
 constexpr int kCodeTile = 24;
 
+// Dot products of R rows with the 24 codewords j0.. of a table transposed to [dim][ldc]: each
+// step broadcasts one residual value against 3 vectors of 8 codewords.
+template <int R>
+inline void DotTile(const float* const* rows, int dim, const float* table_t, int64_t ldc,
+                    int64_t j0, simd::V8 (&acc)[R][3]) {
+  using simd::V8;
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = V8{};
+  for (int d = 0; d < dim; ++d) {
+    const float* ct = table_t + d * ldc + j0;
+    const V8 c0 = simd::Load8(ct), c1 = simd::Load8(ct + 8), c2 = simd::Load8(ct + 16);
+    for (int r = 0; r < R; ++r) {
+      const float rv = rows[r][d];
+      acc[r][0] += rv * c0;
+      acc[r][1] += rv * c1;
+      acc[r][2] += rv * c2;
+    }
+  }
+}
+
 // Nearest codeword of R rows using the table transposed to [dim][ldc] (zero padded) and norms
 // padded with +inf to ldc: each step broadcasts one residual value against 24 codewords, so
 // 4 rows x 3 vectors of accumulators plus 3 loads and a broadcast fill AVX2's 16 registers and
@@ -105,17 +124,8 @@ void NearestTileRows(const float* const* rows, int dim, const float* table_t, co
   }
   const I8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t j0 = 0; j0 < ldc; j0 += kCodeTile) {
-    V8 acc[R][3] = {};
-    for (int d = 0; d < dim; ++d) {
-      const float* ct = table_t + d * ldc + j0;
-      const V8 c0 = simd::Load8(ct), c1 = simd::Load8(ct + 8), c2 = simd::Load8(ct + 16);
-      for (int r = 0; r < R; ++r) {
-        const float rv = rows[r][d];
-        acc[r][0] += rv * c0;
-        acc[r][1] += rv * c1;
-        acc[r][2] += rv * c2;
-      }
-    }
+    simd::V8 acc[R][3];
+    DotTile<R>(rows, dim, table_t, ldc, j0, acc);
     for (int c = 0; c < 3; ++c) {
       const V8 n = simd::Load8(norms + j0 + 8 * c);
       const I8 j = lane + static_cast<int32_t>(j0 + 8 * c);
@@ -148,17 +158,8 @@ void ScoreTileRows(const float* const* rows, int dim, const float* table_t, cons
                    int64_t ldc, float* out) {
   using simd::V8;
   for (int64_t j0 = 0; j0 < ldc; j0 += kCodeTile) {
-    V8 acc[R][3] = {};
-    for (int d = 0; d < dim; ++d) {
-      const float* ct = table_t + d * ldc + j0;
-      const V8 c0 = simd::Load8(ct), c1 = simd::Load8(ct + 8), c2 = simd::Load8(ct + 16);
-      for (int r = 0; r < R; ++r) {
-        const float rv = rows[r][d];
-        acc[r][0] += rv * c0;
-        acc[r][1] += rv * c1;
-        acc[r][2] += rv * c2;
-      }
-    }
+    simd::V8 acc[R][3];
+    DotTile<R>(rows, dim, table_t, ldc, j0, acc);
     for (int c = 0; c < 3; ++c) {
       const V8 n = simd::Load8(norms + j0 + 8 * c);
       for (int r = 0; r < R; ++r) simd::Store8(out + r * ldc + j0 + 8 * c, n - 2.0f * acc[r][c]);
