@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <numeric>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -129,6 +131,181 @@ absl::StatusOr<std::vector<int>> LlamaModel::Generate(const std::vector<int>& pr
     ++pos;
   }
   return out;
+}
+
+absl::StatusOr<std::vector<std::vector<int>>> LlamaModel::Sample(
+    const std::vector<std::vector<int>>& prompts, int max_new_tokens,
+    const SampleOptions& opts) const {
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (absl::Status st = CheckTokens(prompts[i]); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt ", i, ": ", st.message()));
+    }
+  }
+  if (max_new_tokens < 0) return absl::InvalidArgumentError("max_new_tokens must be >= 0");
+  if (!(opts.temperature >= 0) || !std::isfinite(opts.temperature)) {
+    return absl::InvalidArgumentError("temperature must be a finite number >= 0");
+  }
+  if (!(opts.top_p > 0 && opts.top_p <= 1)) {
+    return absl::InvalidArgumentError("top_p must be in (0, 1]");
+  }
+  if (opts.batch < 1) return absl::InvalidArgumentError("batch must be >= 1");
+  const int limit = config_.max_position_embeddings, vocab = config_.vocab_size;
+  std::vector<std::vector<int>> out(prompts.size());
+  std::vector<double> probs;
+  std::vector<int> order(vocab);
+  // Draws the next token of prompt i from one row of logits.
+  auto draw = [&](const float* row, std::mt19937_64* rng) {
+    if (opts.temperature == 0) return static_cast<int>(std::max_element(row, row + vocab) - row);
+    const float mx = *std::max_element(row, row + vocab);
+    probs.resize(vocab);
+    double z = 0;
+    for (int j = 0; j < vocab; ++j) {
+      probs[j] = std::exp(static_cast<double>(row[j] - mx) / opts.temperature);
+      z += probs[j];
+    }
+    std::iota(order.begin(), order.end(), 0);
+    int keep = vocab;
+    if (opts.top_p < 1) {
+      // Sort only the tokens within e^-20 of the most likely one: the rest hold less than
+      // vocab * 2e-9 of the mass, never part of a nucleus.
+      keep = static_cast<int>(
+          std::partition(order.begin(), order.end(), [&](int j) { return probs[j] > 2e-9; }) -
+          order.begin());
+      std::sort(order.begin(), order.begin() + keep,
+                [&](int a, int b) { return probs[a] != probs[b] ? probs[a] > probs[b] : a < b; });
+      const int candidates = keep;
+      double mass = 0;
+      keep = 0;
+      while (keep < candidates && mass < opts.top_p * z) mass += probs[order[keep++]];
+      z = mass;
+    }
+    const double u = std::uniform_real_distribution<double>(0, z)(*rng);
+    double c = 0;
+    for (int j = 0; j < keep; ++j) {
+      c += probs[order[j]];
+      if (u < c) return order[j];
+    }
+    return order[keep - 1];
+  };
+  for (size_t b0 = 0; b0 < prompts.size(); b0 += size_t(opts.batch)) {
+    const size_t b1 = std::min(prompts.size(), b0 + size_t(opts.batch));
+    const int n = static_cast<int>(b1 - b0);
+    std::vector<DecodeCache> caches(n);
+    std::vector<std::mt19937_64> rngs;
+    std::vector<int> next(n), pos(n);
+    std::vector<bool> done(n, false);
+    const ForwardOptions plain;
+    std::vector<float> logits;
+    for (int i = 0; i < n; ++i) {
+      const std::vector<int>& p = prompts[b0 + i];
+      std::seed_seq seq{static_cast<uint32_t>(opts.seed), static_cast<uint32_t>(opts.seed >> 32),
+                        static_cast<uint32_t>(b0 + i)};
+      rngs.emplace_back(seq);
+      pos[i] = static_cast<int>(p.size());
+      if (max_new_tokens == 0 || pos[i] >= limit) {
+        done[i] = true;
+        continue;
+      }
+      VQKV_RETURN_IF_ERROR(Run(p.data(), static_cast<int>(p.size()), 0, &caches[i], plain,
+                               /*last_only=*/true, &logits));
+      next[i] = draw(logits.data(), &rngs[i]);
+    }
+    while (true) {
+      // Record the drawn tokens; the sequences still running take one step together.
+      std::vector<int> live_tokens, live_pos, live_index;
+      std::vector<DecodeCache*> live_caches;
+      for (int i = 0; i < n; ++i) {
+        if (done[i]) continue;
+        std::vector<int>& o = out[b0 + i];
+        o.push_back(next[i]);
+        if (config_.IsEos(next[i]) || static_cast<int>(o.size()) >= max_new_tokens ||
+            pos[i] + 1 >= limit) {
+          done[i] = true;
+          caches[i] = DecodeCache{};
+          continue;
+        }
+        live_tokens.push_back(next[i]);
+        live_pos.push_back(pos[i]);
+        live_caches.push_back(&caches[i]);
+        live_index.push_back(i);
+      }
+      if (live_index.empty()) break;
+      VQKV_RETURN_IF_ERROR(Step(live_tokens.data(), live_pos.data(), live_caches.data(),
+                                static_cast<int>(live_index.size()), &logits));
+      for (size_t r = 0; r < live_index.size(); ++r) {
+        const int i = live_index[r];
+        ++pos[i];
+        next[i] = draw(logits.data() + static_cast<int64_t>(r) * vocab, &rngs[i]);
+      }
+    }
+  }
+  return out;
+}
+
+absl::Status LlamaModel::Step(const int* tokens, const int* pos, DecodeCache* const* caches, int n,
+                              std::vector<float>* logits) const {
+  const LlamaConfig& c = config_;
+  const int hidden = c.hidden_size, heads = c.num_attention_heads, kv_heads = c.num_key_value_heads,
+            hd = c.head_dim, ff = c.intermediate_size, layers = c.num_hidden_layers;
+  const int qd = heads * hd, kvd = kv_heads * hd;
+  std::vector<float> x(static_cast<size_t>(n) * hidden), h(x.size()), tmp(x.size());
+  std::vector<float> q(static_cast<size_t>(n) * qd), attn(q.size());
+  std::vector<float> k_new(static_cast<size_t>(n) * kvd), v_new(k_new.size());
+  std::vector<float> gate(static_cast<size_t>(n) * ff), up(gate.size());
+  for (int t = 0; t < n; ++t) {
+    std::copy_n(weights_.embed_tokens.begin() + static_cast<int64_t>(tokens[t]) * hidden, hidden,
+                x.begin() + static_cast<int64_t>(t) * hidden);
+    caches[t]->k.resize(layers);
+    caches[t]->v.resize(layers);
+  }
+  for (int l = 0; l < layers; ++l) {
+    const LlamaLayerWeights& w = weights_.layers[l];
+    RmsNorm(x.data(), n, hidden, w.input_layernorm.data(), c.rms_norm_eps, h.data());
+    LinearForward(h.data(), n, w.q_proj, q.data());
+    LinearForward(h.data(), n, w.k_proj, k_new.data());
+    LinearForward(h.data(), n, w.v_proj, v_new.data());
+    for (int t = 0; t < n; ++t) {
+      float* qt = q.data() + static_cast<int64_t>(t) * qd;
+      float* kt = k_new.data() + static_cast<int64_t>(t) * kvd;
+      ApplyRope(qt, 1, heads, hd, pos[t], inv_freq_);
+      ApplyRope(kt, 1, kv_heads, hd, pos[t], inv_freq_);
+      std::vector<float>& kc = caches[t]->k[l];
+      std::vector<float>& vc = caches[t]->v[l];
+      kc.resize(static_cast<size_t>(pos[t] + 1) * kvd);
+      vc.resize(kc.size());
+      std::copy_n(kt, kvd, kc.data() + static_cast<int64_t>(pos[t]) * kvd);
+      std::copy_n(v_new.data() + static_cast<int64_t>(t) * kvd, kvd,
+                  vc.data() + static_cast<int64_t>(pos[t]) * kvd);
+      AttentionArgs args;
+      args.q = qt;
+      args.k = kc.data();
+      args.v = vc.data();
+      args.n = 1;
+      args.pos0 = pos[t];
+      args.heads = heads;
+      args.kv_heads = kv_heads;
+      args.head_dim = hd;
+      args.out = attn.data() + static_cast<int64_t>(t) * qd;
+      CausalAttention(args);
+    }
+    LinearForward(attn.data(), n, w.o_proj, tmp.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+    RmsNorm(x.data(), n, hidden, w.post_attention_layernorm.data(), c.rms_norm_eps, h.data());
+    LinearForward(h.data(), n, w.gate_proj, gate.data());
+    LinearForward(h.data(), n, w.up_proj, up.data());
+    for (size_t i = 0; i < gate.size(); ++i) {
+      const float g = gate[i];
+      gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+    LinearForward(gate.data(), n, w.down_proj, tmp.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+  }
+  RmsNorm(x.data(), n, hidden, weights_.norm.data(), c.rms_norm_eps, h.data());
+  logits->resize(static_cast<size_t>(n) * c.vocab_size);
+  const float* head =
+      weights_.lm_head.w.empty() ? weights_.embed_tokens.data() : weights_.lm_head.w.data();
+  LinearForward(h.data(), n, head, nullptr, hidden, c.vocab_size, logits->data());
+  return absl::OkStatus();
 }
 
 absl::Status LlamaModel::Run(const int* tokens, int n, int pos0, DecodeCache* cache,

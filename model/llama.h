@@ -7,6 +7,7 @@
 // and may run concurrently from several threads. Each call uses vqkv::ParallelFor internally.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <utility>
@@ -49,6 +50,16 @@ struct ForwardOptions {
   int recent_tokens = 32;
 };
 
+// Sampling for LlamaModel::Sample.
+struct SampleOptions {
+  float temperature = 1.0f;  // logits / temperature before the softmax; 0: greedy (argmax)
+  float top_p = 1.0f;        // nucleus: sample among the most likely tokens whose mass reaches
+                             // top_p (1: the whole vocabulary)
+  uint64_t seed = 1;         // prompt i draws from its own generator seeded by (seed, i)
+  int batch = 16;            // prompts decoded together: one pass over the weights per step
+                             // serves all of them
+};
+
 class LlamaModel {
  public:
   // Loads config.json and the safetensors weights from `dir`. NotFound naming the path when
@@ -79,6 +90,17 @@ class LlamaModel {
   absl::StatusOr<std::vector<int>> Generate(const std::vector<int>& prompt,
                                             int max_new_tokens) const;
 
+  // Sampled continuations of several prompts, each ending as in Generate() (EOS included, at most
+  // `max_new_tokens`, never past max_position_embeddings). Prompts are decoded `opts.batch` at a
+  // time with one incremental K/V cache each, so the weights are read once per step for the
+  // whole batch. Prompt i's draws depend only on (seed, i) and its logits; with temperature 0
+  // and batch 1 the result equals Generate(). InvalidArgument for an invalid prompt (as
+  // Forward()), max_new_tokens < 0, temperature < 0 or not finite, top_p outside (0, 1], or
+  // batch < 1.
+  absl::StatusOr<std::vector<std::vector<int>>> Sample(const std::vector<std::vector<int>>& prompts,
+                                                       int max_new_tokens,
+                                                       const SampleOptions& opts) const;
+
  private:
   // K/V of the positions processed so far, per layer: [positions, kv_heads, head_dim].
   struct DecodeCache {
@@ -96,6 +118,10 @@ class LlamaModel {
   // position, or for the last one only when `last_only`.
   absl::Status Run(const int* tokens, int n, int pos0, DecodeCache* cache,
                    const ForwardOptions& opts, bool last_only, std::vector<float>* logits) const;
+  // One new token for each of `n` sequences: tokens[i] at position pos[i] of caches[i] (which
+  // hold pos[i] positions and get one more). Writes logits [n, vocab_size].
+  absl::Status Step(const int* tokens, const int* pos, DecodeCache* const* caches, int n,
+                    std::vector<float>* logits) const;
 
   LlamaConfig config_;
   LlamaWeights weights_;

@@ -10,6 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "client/cpp/cli/commands.h"
 #include "client/cpp/cli/flags.h"
@@ -21,6 +22,7 @@
 #include "kernels/codebook.h"
 #include "kernels/rvq_budget.h"
 #include "kernels/rvq_fit.h"
+#include "model/text_data.h"
 
 namespace vqkv::cli {
 namespace {
@@ -179,9 +181,78 @@ absl::StatusOr<std::vector<double>> KlLayerWeights(
   return w;
 }
 
+// --calib-generate: K/V/Q of model-written stories seeded by the calibration stories, packed
+// like the calibration text. The stories are cached as a text file in `cache_dir` (when given),
+// keyed by every input that shapes them.
+absl::StatusOr<kernels::KvSamples> GeneratedSamples(
+    const ModelSetup& setup, const std::vector<std::string>& seeds, int64_t tokens,
+    int64_t prompt_tokens, double temperature, double top_p, uint64_t seed, int story_tokens,
+    int max_tokens, int min_tokens, bool pack, const std::string& text_path, double calib_fraction,
+    const std::string& cache_dir) {
+  const std::string key =
+      absl::StrCat(setup.model_dir, "|", text_path, "|", calib_fraction, "|", tokens, "|",
+                   prompt_tokens, "|", temperature, "|", top_p, "|", seed, "|", story_tokens);
+  const std::string path = cache_dir.empty()
+                               ? std::string()
+                               : absl::StrCat(cache_dir, "/gen-", absl::Hex(Fnv1a(key)), ".txt");
+  std::vector<std::string> stories;
+  if (!path.empty() && std::filesystem::exists(path)) {
+    VQKV_ASSIGN_OR_RETURN(stories, model::LoadStories(path));
+    std::fprintf(stderr, "calib-generate: loaded %zu model-written stories from %s\n",
+                 stories.size(), path.c_str());
+  } else {
+    eval::GenerateOptions go;
+    go.tokens = tokens;
+    go.prompt_tokens = int(prompt_tokens);
+    go.max_story_tokens = story_tokens;
+    go.sample.temperature = float(temperature);
+    go.sample.top_p = float(top_p);
+    go.sample.seed = seed;
+    ProgressBar gbar("calib-generate", tokens);
+    go.progress = [&](int64_t d, int64_t, const std::string& w) { gbar.Update(d, w); };
+    VQKV_ASSIGN_OR_RETURN(stories, eval::GenerateStories(setup.model, setup.tokenizer, seeds, go));
+    gbar.Finish(absl::StrCat(stories.size(), " model-written stories"));
+    if (!path.empty()) {
+      std::filesystem::create_directories(cache_dir);
+      VQKV_RETURN_IF_ERROR(WriteStringToFile(
+          path,
+          absl::StrJoin(stories, absl::StrCat("\n", std::string(model::kStorySeparator), "\n"))));
+    }
+  }
+  if (!stories.empty()) {
+    std::fprintf(stderr, "calib-generate: first story: %.300s%s\n", stories[0].c_str(),
+                 stories[0].size() > 300 ? "..." : "");
+  }
+  const eval::Corpus corpus =
+      eval::BuildCorpus(setup.tokenizer, stories, max_tokens, min_tokens, 0, pack);
+  ProgressBar cbar("capture generated", 1);
+  VQKV_ASSIGN_OR_RETURN(kernels::KvSamples s, eval::CaptureSamples(setup.model, corpus));
+  cbar.Finish(absl::StrCat("captured K/V/Q of ", s.tokens(0), " model-written tokens in ",
+                           corpus.seqs.size(), " sequences"));
+  return s;
+}
+
 absl::Status Fidelity(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t max_tokens, f.Int("max-tokens"));
   VQKV_ASSIGN_OR_RETURN(int64_t calib_seqs, f.Int("calib-seqs"));
+  VQKV_ASSIGN_OR_RETURN(int64_t calib_generate, f.Int("calib-generate"));
+  VQKV_ASSIGN_OR_RETURN(int64_t generate_seed, f.Int("generate-seed"));
+  VQKV_ASSIGN_OR_RETURN(int64_t generate_prompt, f.Int("generate-prompt"));
+  VQKV_ASSIGN_OR_RETURN(int64_t generate_story, f.Int("generate-story"));
+  double generate_temperature = 0, generate_top_p = 0;
+  if (!absl::SimpleAtod(f.Str("generate-temperature"), &generate_temperature) ||
+      !(generate_temperature >= 0) || generate_temperature > 10) {
+    return absl::InvalidArgumentError("--generate-temperature must be a number in [0, 10]");
+  }
+  if (!absl::SimpleAtod(f.Str("generate-top-p"), &generate_top_p) || !(generate_top_p > 0) ||
+      generate_top_p > 1) {
+    return absl::InvalidArgumentError("--generate-top-p must be a number in (0, 1]");
+  }
+  if (calib_generate < 0 || generate_prompt < 1 || generate_story <= generate_prompt) {
+    return absl::InvalidArgumentError(
+        "--calib-generate must be >= 0, --generate-prompt >= 1 and --generate-story > "
+        "--generate-prompt");
+  }
   VQKV_ASSIGN_OR_RETURN(int64_t eval_seqs, f.Int("eval-seqs"));
   VQKV_ASSIGN_OR_RETURN(int64_t iters, f.Int("iters"));
   VQKV_ASSIGN_OR_RETURN(int64_t max_vectors, f.Int("max-vectors"));
@@ -283,6 +354,7 @@ absl::Status Fidelity(const Flags& f) {
         std::string(setup.status().message()).c_str());
   }
   kernels::KvSamples calib;
+  kernels::KvSamples generated;  // --calib-generate: model-written calibration text (fit only)
   eval::Corpus calib_corpus;
   std::vector<eval::Corpus> eval_corpora;  // one per context
   kernels::KvSamples synth_eval;
@@ -331,7 +403,18 @@ absl::Status Fidelity(const Flags& f) {
     ProgressBar cbar("capture", 1);
     VQKV_ASSIGN_OR_RETURN(calib, eval::CaptureSamples(setup->model, calib_corpus));
     cbar.Finish(absl::StrCat("captured K/V/Q of ", calib.tokens(0), " calibration tokens"));
+    if (calib_generate > 0) {
+      VQKV_ASSIGN_OR_RETURN(
+          generated,
+          GeneratedSamples(*setup, first_part, calib_generate, generate_prompt,
+                           generate_temperature, generate_top_p, uint64_t(generate_seed),
+                           int(generate_story), int(max_tokens), int(sinks + recent + 8), pack,
+                           f.Str("text"), calib_fraction, f.Str("codebook-cache")));
+    }
   } else {
+    if (calib_generate > 0) {
+      return absl::InvalidArgumentError("--calib-generate needs a model");
+    }
     calib = eval::SyntheticSamples(2, 4, 8, 16, 24, 256, 1);
     synth_eval = eval::SyntheticSamples(2, 4, 8, 16, 16, 256, 2);
   }
@@ -385,6 +468,15 @@ absl::Status Fidelity(const Flags& f) {
     fit_set = calib;
     choose_set = calib;
   }
+  // Model-written text joins the fitting samples (and the refit), never the held-out ones.
+  kernels::KvSamples refit_set = calib;
+  if (generated.tokens(0) > 0) {
+    VQKV_ASSIGN_OR_RETURN(fit_set, eval::ConcatSamples(fit_set, generated));
+    VQKV_ASSIGN_OR_RETURN(refit_set, eval::ConcatSamples(calib, generated));
+    std::fprintf(stderr, "fitting on %lld tokens: %lld of calibration text + %lld model-written\n",
+                 (long long)fit_set.tokens(0), (long long)(fit_set.tokens(0) - generated.tokens(0)),
+                 (long long)generated.tokens(0));
+  }
 
   std::vector<Candidate> cands = {{"raw", "", nullptr, "raw"},
                                   {"scalar-2", "", nullptr, "scalar-2"},
@@ -406,11 +498,15 @@ absl::Status Fidelity(const Flags& f) {
     const std::string tag = space == "none" ? "" : absl::StrCat(" [", space, "]");
     // --codebook-cache: a fit is a pure function of the samples and settings below, so a run
     // with the same ones loads it instead of fitting again (the slow step on a small machine).
-    const std::string cache_key =
-        absl::StrCat(setup.ok() ? setup->model_dir : "synthetic", "|", f.Str("text"), "|",
-                     calib_fraction, "|", max_tokens, "|", calib_seqs, "|", pack, "|",
-                     full_cfg.ToString(), "|", full_cfg.per_head, "|", iters, "|", max_vectors, "|",
-                     space, "|", scale_exponent, "|", holdout, "|", fit_set.tokens(0));
+    const std::string cache_key = absl::StrCat(
+        setup.ok() ? setup->model_dir : "synthetic", "|", f.Str("text"), "|", calib_fraction, "|",
+        max_tokens, "|", calib_seqs, "|", pack, "|", full_cfg.ToString(), "|", full_cfg.per_head,
+        "|", iters, "|", max_vectors, "|", space, "|", scale_exponent, "|", holdout, "|",
+        fit_set.tokens(0),
+        generated.tokens(0) > 0
+            ? absl::StrCat("|gen:", calib_generate, ":", generate_temperature, ":", generate_top_p,
+                           ":", generate_seed, ":", generate_prompt, ":", generate_story)
+            : std::string());
     auto cached = [&](const std::string& stage) {
       return f.Str("codebook-cache").empty()
                  ? std::string()
@@ -493,12 +589,12 @@ absl::Status Fidelity(const Flags& f) {
         chosen.push_back({bi, obj == "kl", choice.config});
       }
     }
-    if (refit && fit_set.tokens(0) < calib.tokens(0)) {
+    if (refit && fit_set.tokens(0) < refit_set.tokens(0)) {
       // The splits are chosen; fit again on every calibration sequence (the same stage-wise
       // k-means: each chosen split is a prefix of this codebook too).
       ProgressBar rbar(absl::StrCat("refit on all", tag), steps);
-      VQKV_ASSIGN_OR_RETURN(full, fit_or_load("refit", calib, &rbar));
-      rbar.Finish(absl::StrCat("refitted on ", calib.tokens(0), " tokens"));
+      VQKV_ASSIGN_OR_RETURN(full, fit_or_load("refit", refit_set, &rbar));
+      rbar.Finish(absl::StrCat("refitted on ", refit_set.tokens(0), " tokens"));
     }
     const auto paper_cfg = kernels::RvqConfig::Uniform(calib.layers, calib.kv_heads, calib.head_dim,
                                                        pk, pv, f.Bool("per-head"));
@@ -634,6 +730,18 @@ int RunFidelity(int argc, char** argv) {
        {"calib-fraction", "0.5",
         "share of the stories (from the start) used for calibration; the rest evaluates"},
        {"calib-seqs", "0", "calibration sequences (0: all calibration stories)"},
+       {"calib-generate", "0",
+        "also fit the codebooks on about this many tokens of model-written text: stories that "
+        "start with a calibration story's first tokens and continue with the model's own sampled "
+        "tokens (never the evaluation stories; the split chooser still measures on held-out "
+        "calibration text). Deep stages memorise a small calibration text; this gives them more "
+        "to learn from. Cached with --codebook-cache"},
+       {"generate-temperature", "0.8", "--calib-generate: sampling temperature (0: greedy)"},
+       {"generate-top-p", "0.9", "--calib-generate: nucleus sampling mass"},
+       {"generate-seed", "1", "--calib-generate: random seed"},
+       {"generate-prompt", "24",
+        "--calib-generate: prompt tokens taken from each story (BOS included)"},
+       {"generate-story", "320", "--calib-generate: tokens per model-written story at most"},
        {"eval-seqs", "0", "evaluation sequences (0: all evaluation stories)"},
        {"paper", "auto",
         "the paper's split (head_dim 128: K 56x1024, V 16x512); auto scales the stages to the "

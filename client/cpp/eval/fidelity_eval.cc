@@ -13,6 +13,7 @@
 #include "common/parallel.h"
 #include "common/status_macros.h"
 #include "model/scoring.h"
+#include "model/text_data.h"
 
 namespace vqkv::eval {
 
@@ -67,6 +68,88 @@ absl::StatusOr<kernels::KvSamples> CaptureSamples(const model::LlamaModel& m, co
       s.q[l].insert(s.q[l].end(), cache.q[l].begin(), cache.q[l].end());
     }
     s.seq_lens.push_back(int64_t(seq.size()));
+  }
+  return s;
+}
+
+absl::StatusOr<std::vector<std::string>> GenerateStories(const model::LlamaModel& m,
+                                                         const model::Tokenizer& tok,
+                                                         const std::vector<std::string>& seeds,
+                                                         const GenerateOptions& opts) {
+  if (seeds.empty()) return absl::InvalidArgumentError("GenerateStories: no seed stories");
+  if (opts.tokens <= 0 || opts.prompt_tokens < 1 || opts.max_story_tokens <= opts.prompt_tokens) {
+    return absl::InvalidArgumentError(
+        "GenerateStories: tokens and prompt_tokens must be > 0 and max_story_tokens > "
+        "prompt_tokens");
+  }
+  std::vector<std::string> stories;
+  int64_t done = 0;
+  size_t next_seed = 0;
+  for (uint64_t round = 0; done < opts.tokens; ++round) {
+    std::vector<std::vector<int>> prompts;
+    for (int i = 0; i < opts.sample.batch; ++i) {
+      std::vector<int> ids = tok.EncodeForScoring(seeds[next_seed++ % seeds.size()]);
+      ids.resize(std::min<size_t>(ids.size(), size_t(opts.prompt_tokens)));
+      prompts.push_back(std::move(ids));
+    }
+    model::SampleOptions so = opts.sample;
+    so.seed = opts.sample.seed + round * 0x9E3779B97F4A7C15ull;
+    VQKV_ASSIGN_OR_RETURN(std::vector<std::vector<int>> gen,
+                          m.Sample(prompts, opts.max_story_tokens - opts.prompt_tokens, so));
+    for (size_t i = 0; i < gen.size() && done < opts.tokens; ++i) {
+      std::vector<int> ids(prompts[i].begin() + (tok.bos_id() >= 0 ? 1 : 0), prompts[i].end());
+      for (int t : gen[i]) {
+        if (m.config().IsEos(t)) break;
+        ids.push_back(t);
+      }
+      std::string text = tok.Decode(ids);
+      // A story must not hold the separator the story files use.
+      for (size_t at; (at = text.find(model::kStorySeparator)) != std::string::npos;) {
+        text.erase(at, model::kStorySeparator.size());
+      }
+      if (text.empty()) continue;
+      done += int64_t(ids.size()) + 1;
+      stories.push_back(std::move(text));
+    }
+    if (opts.progress) {
+      opts.progress(std::min(done, opts.tokens), opts.tokens,
+                    absl::StrCat(stories.size(), " stories"));
+    }
+  }
+  return stories;
+}
+
+absl::StatusOr<kernels::KvSamples> ConcatSamples(const kernels::KvSamples& a,
+                                                 const kernels::KvSamples& b) {
+  if (a.layers != b.layers || a.kv_heads != b.kv_heads || a.head_dim != b.head_dim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ConcatSamples: geometries differ (", a.layers, "x", a.kv_heads, "x",
+                     a.head_dim, " vs ", b.layers, "x", b.kv_heads, "x", b.head_dim, ")"));
+  }
+  kernels::KvSamples s = a;
+  auto lens = [](const kernels::KvSamples& x) {
+    return x.seq_lens.empty() ? std::vector<int64_t>{x.tokens(0)} : x.seq_lens;
+  };
+  auto starts = [&](const kernels::KvSamples& x) {
+    return x.seq_starts.empty() ? std::vector<int64_t>(lens(x).size(), 0) : x.seq_starts;
+  };
+  s.seq_lens = lens(a);
+  const std::vector<int64_t> lb = lens(b);
+  s.seq_lens.insert(s.seq_lens.end(), lb.begin(), lb.end());
+  if (!a.seq_starts.empty() || !b.seq_starts.empty()) {
+    s.seq_starts = starts(a);
+    const std::vector<int64_t> sb = starts(b);
+    s.seq_starts.insert(s.seq_starts.end(), sb.begin(), sb.end());
+  }
+  const bool queries = !a.q.empty() && !b.q.empty() && a.q_heads == b.q_heads;
+  if (!queries) {
+    s.q.clear();
+    s.q_heads = 0;
+  }
+  for (int l = 0; l < s.layers; ++l) {
+    s.k[l].insert(s.k[l].end(), b.k[l].begin(), b.k[l].end());
+    s.v[l].insert(s.v[l].end(), b.v[l].begin(), b.v[l].end());
+    if (queries) s.q[l].insert(s.q[l].end(), b.q[l].begin(), b.q[l].end());
   }
   return s;
 }

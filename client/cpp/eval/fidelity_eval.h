@@ -35,6 +35,30 @@ Corpus BuildCorpus(const model::Tokenizer& tok, const std::vector<std::string>& 
 // Exact post-RoPE K, V and Q of every sequence, concatenated with seq_lens.
 absl::StatusOr<kernels::KvSamples> CaptureSamples(const model::LlamaModel& m, const Corpus& c);
 
+// Model-written calibration text: more K/V to fit codebooks on than a small calibration text
+// holds (deep residual stages memorise their training vectors). Each story starts with the first
+// `prompt_tokens` tokens (BOS included) of one of `seeds`, in turn, and continues with the model's
+// own sampled tokens (LlamaModel::Sample) up to `max_story_tokens` tokens or its EOS; stories are
+// drawn until they hold `tokens` tokens. Deterministic for the given options. Returns the story
+// texts (without BOS/EOS), for BuildCorpus like any other stories. InvalidArgument when `seeds`
+// is empty or a count is not positive.
+struct GenerateOptions {
+  int64_t tokens = 0;
+  int prompt_tokens = 8;
+  int max_story_tokens = 512;
+  model::SampleOptions sample;
+  std::function<void(int64_t done, int64_t total, const std::string& what)> progress;
+};
+absl::StatusOr<std::vector<std::string>> GenerateStories(const model::LlamaModel& m,
+                                                         const model::Tokenizer& tok,
+                                                         const std::vector<std::string>& seeds,
+                                                         const GenerateOptions& opts);
+
+// Concatenates `b`'s sequences after `a`'s (same layers, heads and head_dim; queries kept only
+// when both have them). InvalidArgument when the geometries differ.
+absl::StatusOr<kernels::KvSamples> ConcatSamples(const kernels::KvSamples& a,
+                                                 const kernels::KvSamples& b);
+
 struct EvalOptions {
   int sink_tokens = 4;
   int recent_tokens = 32;
