@@ -59,4 +59,23 @@ if "$vqkv" fidelity --model "$model" --contexts 128 --budgets 512:2.2 >/dev/null
   fail "unknown budget context accepted"
 fi
 grep -q "names a context that --contexts does not list" "$tmp/c.err" || fail "error message"
+# --calib-generate: model-written stories join the fit (never the held-out split sequences), are
+# cached as text and loaded by a second run, which prints the same table.
+gargs=("${args[@]}" --calib-generate 600 --generate-story 96)
+"$vqkv" "${gargs[@]}" >"$tmp/g.out" 2>"$tmp/g.err" || { cat "$tmp/g.err"; fail "generate run"; }
+grep -q "model-written stories$" "$tmp/g.err" || fail "no generation reported"
+ls "$tmp/cache"/gen-*.txt >/dev/null || fail "no cached model-written stories"
+fit_real=$(sed -n 's/.*codebooks fitted on [0-9]* sequences (\([0-9]*\) tokens).*/\1/p' "$tmp/g.err")
+fit_all=$(sed -n 's/^fitting on \([0-9]*\) tokens: \([0-9]*\) of calibration text + \([0-9]*\) model-written$/\1 \2 \3/p' "$tmp/g.err")
+read -r all real gen <<<"$fit_all"
+[ -n "${gen:-}" ] && [ "$gen" -ge 500 ] && [ "$real" = "$fit_real" ] && [ "$all" = $((real + gen)) ] ||
+  fail "fit set: '$fit_all' (held-out split: $fit_real real tokens)"
+"$vqkv" "${gargs[@]}" >"$tmp/h.out" 2>"$tmp/h.err" || { cat "$tmp/h.err"; fail "second generate run"; }
+grep -q "calib-generate: loaded" "$tmp/h.err" || fail "stories not loaded from the cache"
+cmp -s <(grep '^|' "$tmp/g.out") <(grep '^|' "$tmp/h.out") || fail "generate tables differ after loading"
+cmp -s <(grep '^|' "$tmp/g.out") <(grep '^|' "$tmp/a.out") && fail "generated text changed nothing"
+if "$vqkv" "${args[@]}" --calib-generate 100 --generate-top-p 0 >/dev/null 2>"$tmp/t.err"; then
+  fail "top-p 0 accepted"
+fi
+grep -q "generate-top-p must be" "$tmp/t.err" || fail "top-p error message"
 echo "PASS"

@@ -212,11 +212,14 @@ absl::StatusOr<kernels::KvSamples> GeneratedSamples(
     go.progress = [&](int64_t d, int64_t, const std::string& w) { gbar.Update(d, w); };
     VQKV_ASSIGN_OR_RETURN(stories, eval::GenerateStories(setup.model, setup.tokenizer, seeds, go));
     gbar.Finish(absl::StrCat(stories.size(), " model-written stories"));
+    // Through the story file format (trimmed, split on the separator), so that a run that
+    // loads the cached file sees exactly these stories.
+    const std::string joined =
+        absl::StrJoin(stories, absl::StrCat("\n", std::string(model::kStorySeparator), "\n"));
+    stories = model::SplitStories(joined);
     if (!path.empty()) {
       std::filesystem::create_directories(cache_dir);
-      VQKV_RETURN_IF_ERROR(WriteStringToFile(
-          path,
-          absl::StrJoin(stories, absl::StrCat("\n", std::string(model::kStorySeparator), "\n"))));
+      VQKV_RETURN_IF_ERROR(WriteStringToFile(path, joined));
     }
   }
   if (!stories.empty()) {
