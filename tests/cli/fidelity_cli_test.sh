@@ -43,7 +43,7 @@ grep -q '^| 128 | rvq fit --bits 2.2 \[\|^| 128 | rvq fit --bits 2.2 |' "$tmp/l.
   >"$tmp/p.out" 2>"$tmp/p.err" || { cat "$tmp/p.err"; fail "packed kl run"; }
 grep -q "joined into [0-9]* context" "$tmp/p.err" || fail "packed sensitivity not reported"
 [ "$(grep -vc '^#' "$tmp/w.txt")" = 2 ] || fail "layer weights file: $(cat "$tmp/w.txt")"
-"$vqkv" capture --model "$model" --max-seqs 8 --max-tokens 128 --out "$tmp/s.safetensors" 2>/dev/null ||
+"$vqkv" capture --model "$model" --max-seqs 8 --max-tokens 128 --out "$tmp/s.safetensors" >"$tmp/s.out" 2>/dev/null ||
   fail "capture"
 "$vqkv" fit --samples "$tmp/s.safetensors" --bits 2.5 --iters 1 --layer-weights "$tmp/w.txt" \
   --out "$tmp/cb.safetensors" >"$tmp/f.out" 2>"$tmp/f.err" || { cat "$tmp/f.err"; fail "fit with weights"; }
@@ -78,4 +78,13 @@ if "$vqkv" "${args[@]}" --calib-generate 100 --generate-top-p 0 >/dev/null 2>"$t
   fail "top-p 0 accepted"
 fi
 grep -q "generate-top-p must be" "$tmp/t.err" || fail "top-p error message"
+# capture --generate: the samples file holds the stories' tokens and the model-written ones.
+"$vqkv" capture --model "$model" --max-seqs 8 --max-tokens 128 --generate 300 --generate-story 64 \
+  --generate-out "$tmp/gen.txt" --out "$tmp/sg.safetensors" >"$tmp/cg.out" 2>"$tmp/cg.err" ||
+  { cat "$tmp/cg.err"; fail "capture --generate"; }
+base=$(sed -n 's/^wrote .*: 2 layers, \([0-9]*\) tokens.*/\1/p' "$tmp/s.out")
+with=$(sed -n 's/^wrote .*: 2 layers, \([0-9]*\) tokens.*/\1/p' "$tmp/cg.out")
+gen=$(sed -n 's/^captured \([0-9]*\) model-written tokens.*/\1/p' "$tmp/cg.err")
+[ -n "$gen" ] && [ "$gen" -ge 250 ] && [ "$with" = $((base + gen)) ] || fail "capture --generate: $with tokens, $gen generated"
+[ "$(grep -c '<|endoftext|>' "$tmp/gen.txt")" -ge 2 ] || fail "generated stories file"
 echo "PASS"

@@ -4,8 +4,10 @@
 #include <cstring>
 #include <memory>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "client/cpp/cli/commands.h"
 #include "client/cpp/cli/flags.h"
 #include "client/cpp/cli/model_setup.h"
@@ -20,6 +22,7 @@
 #include "kernels/ratio.h"
 #include "kernels/rvq_budget.h"
 #include "kernels/rvq_fit.h"
+#include "model/text_data.h"
 
 namespace vqkv::cli {
 namespace {
@@ -141,6 +144,43 @@ absl::Status Capture(const Flags& f) {
   std::fprintf(stderr, "capturing K/V/Q of %zu sequences (%lld tokens)\n", corpus.seqs.size(),
                (long long)corpus.tokens());
   VQKV_ASSIGN_OR_RETURN(kernels::KvSamples s, eval::CaptureSamples(m.model, corpus));
+  VQKV_ASSIGN_OR_RETURN(int64_t generate, f.Int("generate"));
+  if (generate > 0) {
+    // Model-written stories seeded by the selected ones, appended as more sequences.
+    eval::GenerateOptions go;
+    go.tokens = generate;
+    VQKV_ASSIGN_OR_RETURN(int64_t prompt, f.Int("generate-prompt"));
+    VQKV_ASSIGN_OR_RETURN(int64_t story, f.Int("generate-story"));
+    VQKV_ASSIGN_OR_RETURN(int64_t seed, f.Int("generate-seed"));
+    double temperature = 0, top_p = 0;
+    if (!absl::SimpleAtod(f.Str("generate-temperature"), &temperature) || !(temperature >= 0) ||
+        temperature > 10 || !absl::SimpleAtod(f.Str("generate-top-p"), &top_p) || !(top_p > 0) ||
+        top_p > 1) {
+      return absl::InvalidArgumentError(
+          "--generate-temperature must be in [0, 10] and --generate-top-p in (0, 1]");
+    }
+    go.prompt_tokens = int(prompt);
+    go.max_story_tokens = int(story);
+    go.sample.temperature = float(temperature);
+    go.sample.top_p = float(top_p);
+    go.sample.seed = uint64_t(seed);
+    ProgressBar bar("generate", generate);
+    go.progress = [&](int64_t d, int64_t, const std::string& w) { bar.Update(d, w); };
+    VQKV_ASSIGN_OR_RETURN(std::vector<std::string> gen,
+                          eval::GenerateStories(m.model, m.tokenizer, *stories, go));
+    bar.Finish(absl::StrCat(gen.size(), " model-written stories"));
+    const std::string joined =
+        absl::StrJoin(gen, absl::StrCat("\n", std::string(model::kStorySeparator), "\n"));
+    if (!f.Str("generate-out").empty()) {
+      VQKV_RETURN_IF_ERROR(WriteStringToFile(f.Str("generate-out"), joined));
+    }
+    const eval::Corpus gc = eval::BuildCorpus(m.tokenizer, model::SplitStories(joined),
+                                              int(max_tokens), 40, 0, f.Bool("pack"));
+    VQKV_ASSIGN_OR_RETURN(kernels::KvSamples gs, eval::CaptureSamples(m.model, gc));
+    std::fprintf(stderr, "captured %lld model-written tokens in %zu sequences\n",
+                 (long long)gs.tokens(0), gc.seqs.size());
+    VQKV_ASSIGN_OR_RETURN(s, eval::ConcatSamples(s, gs));
+  }
   VQKV_RETURN_IF_ERROR(eval::SaveSamples(s, f.Str("out")));
   std::printf("wrote %s: %d layers, %lld tokens, %d KV heads, head_dim %d, with queries\n",
               f.Str("out").c_str(), s.layers, (long long)s.tokens(0), s.kv_heads, s.head_dim);
@@ -157,6 +197,16 @@ int RunCapture(int argc, char** argv) {
            {"max-tokens", "512", "truncate each sequence"},
            {"max-seqs", "0", "at most this many sequences (0: all)"},
            {"pack", "", "pack consecutive stories into sequences of up to --max-tokens", true},
+           {"generate", "0",
+            "also capture about this many tokens of model-written stories: each starts with a "
+            "selected story's first tokens and continues with the model's own sampled tokens "
+            "(more calibration data for `vqkv fit` than a small text holds)"},
+           {"generate-temperature", "0.8", "--generate: sampling temperature (0: greedy)"},
+           {"generate-top-p", "0.9", "--generate: nucleus sampling mass"},
+           {"generate-seed", "1", "--generate: random seed"},
+           {"generate-prompt", "24", "--generate: prompt tokens per story (BOS included)"},
+           {"generate-story", "320", "--generate: tokens per model-written story at most"},
+           {"generate-out", "", "--generate: also write the model-written stories to this file"},
            {"out", "samples.safetensors", "output file"}});
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Capture(f);
