@@ -102,5 +102,70 @@ TEST_F(FidelityEvalTest, RvqBeatsScalarTwoBitAtFewerBits) {
   EXPECT_LT(rvq.kl, s2.kl);
 }
 
+TEST(GenerateStoriesTest, ModelWrittenStoriesFromSeeds) {
+  auto m = model::LlamaModel::Load(kModel);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto tok = model::Tokenizer::Load(kModel + "/tokenizer.json");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  auto stories = model::LoadStories(kText);
+  ASSERT_TRUE(stories.ok()) << stories.status();
+  const std::vector<std::string> seeds(stories->begin(), stories->begin() + 3);
+  GenerateOptions go;
+  go.tokens = 400;
+  go.prompt_tokens = 6;
+  go.max_story_tokens = 80;
+  go.sample.batch = 4;
+  int64_t last_done = 0;
+  go.progress = [&](int64_t d, int64_t, const std::string&) { last_done = d; };
+  const auto a = GenerateStories(*m, *tok, seeds, go);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(last_done, 400);
+  int64_t tokens = 0;
+  for (size_t i = 0; i < a->size(); ++i) {
+    const std::vector<int> ids = tok->EncodeForScoring((*a)[i]);
+    EXPECT_LE(ids.size(), 80u + 4) << (*a)[i];  // re-tokenizing may merge differently
+    tokens += int64_t(ids.size());
+    // Each story continues its seed's first words (seeds taken in turn).
+    const std::string& seed = seeds[i % seeds.size()];
+    EXPECT_EQ((*a)[i].substr(0, 8), seed.substr(0, 8)) << (*a)[i];
+    EXPECT_EQ((*a)[i].find(model::kStorySeparator), std::string::npos);
+  }
+  EXPECT_GE(tokens, 360);
+  EXPECT_LE(tokens, 400 + 4 * 84);
+  const auto b = GenerateStories(*m, *tok, seeds, go);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(*a, *b);            // seeded
+  EXPECT_NE((*a)[0], (*a)[3]);  // same seed story, other draws
+  EXPECT_EQ(GenerateStories(*m, *tok, {}, go).status().code(), absl::StatusCode::kInvalidArgument);
+  go.max_story_tokens = 6;
+  EXPECT_EQ(GenerateStories(*m, *tok, seeds, go).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ConcatSamplesTest, JoinsSequencesAndChecksGeometry) {
+  const kernels::KvSamples a = SyntheticSamples(2, 2, 4, 8, 3, 16, 1);
+  kernels::KvSamples b = SyntheticSamples(2, 2, 4, 8, 2, 10, 2);
+  const auto c = ConcatSamples(a, b);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->tokens(0), a.tokens(0) + b.tokens(0));
+  ASSERT_EQ(c->seq_lens.size(), a.seq_lens.size() + b.seq_lens.size());
+  EXPECT_EQ(c->seq_lens.back(), b.seq_lens.back());
+  EXPECT_EQ(c->k[1].back(), b.k[1].back());
+  EXPECT_EQ(c->v[0].front(), a.v[0].front());
+  EXPECT_EQ(c->q[1].size(), a.q[1].size() + b.q[1].size());
+  b.seq_starts.assign(b.seq_lens.size(), 100);
+  const auto d = ConcatSamples(a, b);
+  ASSERT_TRUE(d.ok());
+  ASSERT_EQ(d->seq_starts.size(), d->seq_lens.size());
+  EXPECT_EQ(d->seq_starts.front(), 0);
+  EXPECT_EQ(d->seq_starts.back(), 100);
+  b.q.clear();
+  const auto e = ConcatSamples(a, b);
+  ASSERT_TRUE(e.ok());
+  EXPECT_TRUE(e->q.empty());  // queries only when both have them
+  const kernels::KvSamples other = SyntheticSamples(2, 2, 4, 16, 1, 8, 3);
+  EXPECT_EQ(ConcatSamples(a, other).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace vqkv::eval
