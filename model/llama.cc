@@ -13,6 +13,26 @@
 namespace vqkv::model {
 namespace {
 
+// The rest of a decoder layer after attention, for `n` rows: x += o_proj(attn), then
+// x += down(silu(gate(norm(x))) * up(norm(x))). h and tmp hold [n, hidden], gate and up [n, ff].
+void AttentionOutputAndMlp(const LlamaLayerWeights& w, float eps, int n, int hidden,
+                           const float* attn, float* x, std::vector<float>* h,
+                           std::vector<float>* tmp, std::vector<float>* gate,
+                           std::vector<float>* up) {
+  const size_t xs = static_cast<size_t>(n) * hidden;
+  LinearForward(attn, n, w.o_proj, tmp->data());
+  for (size_t i = 0; i < xs; ++i) x[i] += (*tmp)[i];
+  RmsNorm(x, n, hidden, w.post_attention_layernorm.data(), eps, h->data());
+  LinearForward(h->data(), n, w.gate_proj, gate->data());
+  LinearForward(h->data(), n, w.up_proj, up->data());
+  for (size_t i = 0; i < gate->size(); ++i) {
+    const float g = (*gate)[i];
+    (*gate)[i] = g / (1.0f + std::exp(-g)) * (*up)[i];
+  }
+  LinearForward(gate->data(), n, w.down_proj, tmp->data());
+  for (size_t i = 0; i < xs; ++i) x[i] += (*tmp)[i];
+}
+
 absl::Status CheckLinear(const LinearWeights& l, const std::string& name, int out, int in,
                          bool bias) {
   if (l.in != in || l.out != out || l.w.size() != static_cast<size_t>(out) * in ||
@@ -288,17 +308,8 @@ absl::Status LlamaModel::Step(const int* tokens, const int* pos, DecodeCache* co
       args.out = attn.data() + static_cast<int64_t>(t) * qd;
       CausalAttention(args);
     }
-    LinearForward(attn.data(), n, w.o_proj, tmp.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
-    RmsNorm(x.data(), n, hidden, w.post_attention_layernorm.data(), c.rms_norm_eps, h.data());
-    LinearForward(h.data(), n, w.gate_proj, gate.data());
-    LinearForward(h.data(), n, w.up_proj, up.data());
-    for (size_t i = 0; i < gate.size(); ++i) {
-      const float g = gate[i];
-      gate[i] = g / (1.0f + std::exp(-g)) * up[i];
-    }
-    LinearForward(gate.data(), n, w.down_proj, tmp.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+    AttentionOutputAndMlp(w, c.rms_norm_eps, n, hidden, attn.data(), x.data(), &h, &tmp, &gate,
+                          &up);
   }
   RmsNorm(x.data(), n, hidden, weights_.norm.data(), c.rms_norm_eps, h.data());
   logits->resize(static_cast<size_t>(n) * c.vocab_size);
@@ -387,18 +398,8 @@ absl::Status LlamaModel::Run(const int* tokens, int n, int pos0, DecodeCache* ca
       args.recent_tokens = opts.recent_tokens;
     }
     CausalAttention(args);
-    LinearForward(attn.data(), n, w.o_proj, tmp.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
-
-    RmsNorm(x.data(), n, hidden, w.post_attention_layernorm.data(), c.rms_norm_eps, h.data());
-    LinearForward(h.data(), n, w.gate_proj, gate.data());
-    LinearForward(h.data(), n, w.up_proj, up.data());
-    for (size_t i = 0; i < gate.size(); ++i) {
-      const float g = gate[i];
-      gate[i] = g / (1.0f + std::exp(-g)) * up[i];
-    }
-    LinearForward(gate.data(), n, w.down_proj, tmp.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += tmp[i];
+    AttentionOutputAndMlp(w, c.rms_norm_eps, n, hidden, attn.data(), x.data(), &h, &tmp, &gate,
+                          &up);
   }
 
   const int rows = last_only ? 1 : n;

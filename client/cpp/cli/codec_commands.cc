@@ -147,30 +147,13 @@ absl::Status Capture(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t generate, f.Int("generate"));
   if (generate > 0) {
     // Model-written stories seeded by the selected ones, appended as more sequences.
-    eval::GenerateOptions go;
-    go.tokens = generate;
-    VQKV_ASSIGN_OR_RETURN(int64_t prompt, f.Int("generate-prompt"));
-    VQKV_ASSIGN_OR_RETURN(int64_t story, f.Int("generate-story"));
-    VQKV_ASSIGN_OR_RETURN(int64_t seed, f.Int("generate-seed"));
-    double temperature = 0, top_p = 0;
-    if (!absl::SimpleAtod(f.Str("generate-temperature"), &temperature) || !(temperature >= 0) ||
-        temperature > 10 || !absl::SimpleAtod(f.Str("generate-top-p"), &top_p) || !(top_p > 0) ||
-        top_p > 1) {
-      return absl::InvalidArgumentError(
-          "--generate-temperature must be in [0, 10] and --generate-top-p in (0, 1]");
-    }
-    go.prompt_tokens = int(prompt);
-    go.max_story_tokens = int(story);
-    go.sample.temperature = float(temperature);
-    go.sample.top_p = float(top_p);
-    go.sample.seed = uint64_t(seed);
+    VQKV_ASSIGN_OR_RETURN(eval::GenerateOptions go, GenerateOptionsFromFlags(f, generate));
     ProgressBar bar("generate", generate);
     go.progress = [&](int64_t d, int64_t, const std::string& w) { bar.Update(d, w); };
     VQKV_ASSIGN_OR_RETURN(std::vector<std::string> gen,
                           eval::GenerateStories(m.model, m.tokenizer, *stories, go));
     bar.Finish(absl::StrCat(gen.size(), " model-written stories"));
-    const std::string joined =
-        absl::StrJoin(gen, absl::StrCat("\n", std::string(model::kStorySeparator), "\n"));
+    const std::string joined = JoinStories(gen);
     if (!f.Str("generate-out").empty()) {
       VQKV_RETURN_IF_ERROR(WriteStringToFile(f.Str("generate-out"), joined));
     }
@@ -190,24 +173,22 @@ absl::Status Capture(const Flags& f) {
 }  // namespace
 
 int RunCapture(int argc, char** argv) {
+  std::vector<FlagSpec> specs = {
+      {"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
+      {"text", DefaultTextPath(), "text file of stories separated by <|endoftext|>"},
+      {"part", "first-half", "which stories: first-half, second-half or all"},
+      {"max-tokens", "512", "truncate each sequence"},
+      {"max-seqs", "0", "at most this many sequences (0: all)"},
+      {"pack", "", "pack consecutive stories into sequences of up to --max-tokens", true},
+      {"generate", "0",
+       "also capture about this many tokens of model-written stories: each starts with a "
+       "selected story's first tokens and continues with the model's own sampled tokens "
+       "(more calibration data for `vqkv fit` than a small text holds)"},
+      {"generate-out", "", "--generate: also write the model-written stories to this file"},
+      {"out", "samples.safetensors", "output file"}};
+  for (FlagSpec& g : GenerateFlags("--generate")) specs.push_back(std::move(g));
   Flags f("capture", "Run the model over stories and save post-RoPE K, V and Q as a samples file.",
-          {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
-           {"text", DefaultTextPath(), "text file of stories separated by <|endoftext|>"},
-           {"part", "first-half", "which stories: first-half, second-half or all"},
-           {"max-tokens", "512", "truncate each sequence"},
-           {"max-seqs", "0", "at most this many sequences (0: all)"},
-           {"pack", "", "pack consecutive stories into sequences of up to --max-tokens", true},
-           {"generate", "0",
-            "also capture about this many tokens of model-written stories: each starts with a "
-            "selected story's first tokens and continues with the model's own sampled tokens "
-            "(more calibration data for `vqkv fit` than a small text holds)"},
-           {"generate-temperature", "0.8", "--generate: sampling temperature (0: greedy)"},
-           {"generate-top-p", "0.9", "--generate: nucleus sampling mass"},
-           {"generate-seed", "1", "--generate: random seed"},
-           {"generate-prompt", "24", "--generate: prompt tokens per story (BOS included)"},
-           {"generate-story", "320", "--generate: tokens per model-written story at most"},
-           {"generate-out", "", "--generate: also write the model-written stories to this file"},
-           {"out", "samples.safetensors", "output file"}});
+          std::move(specs));
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Capture(f);
   return st.ok() ? 0 : Fail(st);

@@ -181,17 +181,22 @@ absl::StatusOr<std::vector<double>> KlLayerWeights(
   return w;
 }
 
+// Every input that shapes the model-written stories (cache keys).
+std::string GenerateKey(const std::string& model_dir, const std::string& text_path,
+                        double calib_fraction, const eval::GenerateOptions& go) {
+  return absl::StrCat(model_dir, "|", text_path, "|", calib_fraction, "|", go.tokens, "|",
+                      go.prompt_tokens, "|", go.sample.temperature, "|", go.sample.top_p, "|",
+                      go.sample.seed, "|", go.max_story_tokens);
+}
+
 // --calib-generate: K/V/Q of model-written stories seeded by the calibration stories, packed
 // like the calibration text. The stories are cached as a text file in `cache_dir` (when given),
 // keyed by every input that shapes them.
 absl::StatusOr<kernels::KvSamples> GeneratedSamples(
-    const ModelSetup& setup, const std::vector<std::string>& seeds, int64_t tokens,
-    int64_t prompt_tokens, double temperature, double top_p, uint64_t seed, int story_tokens,
+    const ModelSetup& setup, const std::vector<std::string>& seeds, eval::GenerateOptions go,
     int max_tokens, int min_tokens, bool pack, const std::string& text_path, double calib_fraction,
     const std::string& cache_dir) {
-  const std::string key =
-      absl::StrCat(setup.model_dir, "|", text_path, "|", calib_fraction, "|", tokens, "|",
-                   prompt_tokens, "|", temperature, "|", top_p, "|", seed, "|", story_tokens);
+  const std::string key = GenerateKey(setup.model_dir, text_path, calib_fraction, go);
   const std::string path = cache_dir.empty()
                                ? std::string()
                                : absl::StrCat(cache_dir, "/gen-", absl::Hex(Fnv1a(key)), ".txt");
@@ -201,21 +206,13 @@ absl::StatusOr<kernels::KvSamples> GeneratedSamples(
     std::fprintf(stderr, "calib-generate: loaded %zu model-written stories from %s\n",
                  stories.size(), path.c_str());
   } else {
-    eval::GenerateOptions go;
-    go.tokens = tokens;
-    go.prompt_tokens = int(prompt_tokens);
-    go.max_story_tokens = story_tokens;
-    go.sample.temperature = float(temperature);
-    go.sample.top_p = float(top_p);
-    go.sample.seed = seed;
-    ProgressBar gbar("calib-generate", tokens);
+    ProgressBar gbar("calib-generate", go.tokens);
     go.progress = [&](int64_t d, int64_t, const std::string& w) { gbar.Update(d, w); };
     VQKV_ASSIGN_OR_RETURN(stories, eval::GenerateStories(setup.model, setup.tokenizer, seeds, go));
     gbar.Finish(absl::StrCat(stories.size(), " model-written stories"));
     // Through the story file format (trimmed, split on the separator), so that a run that
     // loads the cached file sees exactly these stories.
-    const std::string joined =
-        absl::StrJoin(stories, absl::StrCat("\n", std::string(model::kStorySeparator), "\n"));
+    const std::string joined = JoinStories(stories);
     stories = model::SplitStories(joined);
     if (!path.empty()) {
       std::filesystem::create_directories(cache_dir);
@@ -239,23 +236,8 @@ absl::Status Fidelity(const Flags& f) {
   VQKV_ASSIGN_OR_RETURN(int64_t max_tokens, f.Int("max-tokens"));
   VQKV_ASSIGN_OR_RETURN(int64_t calib_seqs, f.Int("calib-seqs"));
   VQKV_ASSIGN_OR_RETURN(int64_t calib_generate, f.Int("calib-generate"));
-  VQKV_ASSIGN_OR_RETURN(int64_t generate_seed, f.Int("generate-seed"));
-  VQKV_ASSIGN_OR_RETURN(int64_t generate_prompt, f.Int("generate-prompt"));
-  VQKV_ASSIGN_OR_RETURN(int64_t generate_story, f.Int("generate-story"));
-  double generate_temperature = 0, generate_top_p = 0;
-  if (!absl::SimpleAtod(f.Str("generate-temperature"), &generate_temperature) ||
-      !(generate_temperature >= 0) || generate_temperature > 10) {
-    return absl::InvalidArgumentError("--generate-temperature must be a number in [0, 10]");
-  }
-  if (!absl::SimpleAtod(f.Str("generate-top-p"), &generate_top_p) || !(generate_top_p > 0) ||
-      generate_top_p > 1) {
-    return absl::InvalidArgumentError("--generate-top-p must be a number in (0, 1]");
-  }
-  if (calib_generate < 0 || generate_prompt < 1 || generate_story <= generate_prompt) {
-    return absl::InvalidArgumentError(
-        "--calib-generate must be >= 0, --generate-prompt >= 1 and --generate-story > "
-        "--generate-prompt");
-  }
+  VQKV_ASSIGN_OR_RETURN(const eval::GenerateOptions generate_opts,
+                        GenerateOptionsFromFlags(f, calib_generate));
   VQKV_ASSIGN_OR_RETURN(int64_t eval_seqs, f.Int("eval-seqs"));
   VQKV_ASSIGN_OR_RETURN(int64_t iters, f.Int("iters"));
   VQKV_ASSIGN_OR_RETURN(int64_t max_vectors, f.Int("max-vectors"));
@@ -408,11 +390,9 @@ absl::Status Fidelity(const Flags& f) {
     cbar.Finish(absl::StrCat("captured K/V/Q of ", calib.tokens(0), " calibration tokens"));
     if (calib_generate > 0) {
       VQKV_ASSIGN_OR_RETURN(
-          generated,
-          GeneratedSamples(*setup, first_part, calib_generate, generate_prompt,
-                           generate_temperature, generate_top_p, uint64_t(generate_seed),
-                           int(generate_story), int(max_tokens), int(sinks + recent + 8), pack,
-                           f.Str("text"), calib_fraction, f.Str("codebook-cache")));
+          generated, GeneratedSamples(*setup, first_part, generate_opts, int(max_tokens),
+                                      int(sinks + recent + 8), pack, f.Str("text"), calib_fraction,
+                                      f.Str("codebook-cache")));
     }
   } else {
     if (calib_generate > 0) {
@@ -506,10 +486,8 @@ absl::Status Fidelity(const Flags& f) {
         max_tokens, "|", calib_seqs, "|", pack, "|", full_cfg.ToString(), "|", full_cfg.per_head,
         "|", iters, "|", max_vectors, "|", space, "|", scale_exponent, "|", holdout, "|",
         fit_set.tokens(0),
-        generated.tokens(0) > 0
-            ? absl::StrCat("|gen:", calib_generate, ":", generate_temperature, ":", generate_top_p,
-                           ":", generate_seed, ":", generate_prompt, ":", generate_story)
-            : std::string());
+        generated.tokens(0) > 0 ? absl::StrCat("|gen:", GenerateKey("", "", 0, generate_opts))
+                                : std::string());
     auto cached = [&](const std::string& stage) {
       return f.Str("codebook-cache").empty()
                  ? std::string()
@@ -701,98 +679,94 @@ absl::Status Fidelity(const Flags& f) {
 }  // namespace
 
 int RunFidelity(int argc, char** argv) {
-  Flags f(
-      "fidelity",
-      "Fit rvq codebooks on the first part of a text's stories (--calib-fraction) and compare "
-      "raw, scalar-2/4 and rvq on the rest with the real model (K/V error, attention error, "
-      "perplexity, top-1 agreement, KL).",
-      {{"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
-       {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
-       {"max-tokens", "512",
-        "tokens per calibration context (and per evaluation context without --contexts)"},
-       {"contexts", "", "evaluate at each of these context lengths, e.g. 512,2048,8192"},
-       {"eval-tokens", "0",
-        "with --contexts: about this many evaluation tokens per context (0: --eval-seqs)"},
-       {"max-stages", "",
-        "cap the stages fitted for the split chooser at K,V (e.g. 32,16; the paper split is "
-        "always fitted); default: as many as the largest budget could use"},
-       {"split-holdout", "0.25",
-        "share of the calibration sequences held out of the fit for the split chooser (0: "
-        "choose on the fitting data, which favours stages that memorise it)"},
-       {"refit", "true",
-        "after choosing splits on the held-out sequences, fit again on all calibration "
-        "sequences (--refit=false keeps the codebook the splits were measured on)",
-        true},
-       {"split-queries", "0",
-        "split chooser: at most this many query positions per calibration sequence (0: every "
-        "4th)"},
-       {"attn-queries", "0",
-        "attention metrics on at most this many query positions per sequence (0: all)"},
-       {"per-story", "",
-        "one story per sequence instead of packing stories into max-tokens contexts", true},
-       {"calib-fraction", "0.5",
-        "share of the stories (from the start) used for calibration; the rest evaluates"},
-       {"calib-seqs", "0", "calibration sequences (0: all calibration stories)"},
-       {"calib-generate", "0",
-        "also fit the codebooks on about this many tokens of model-written text: stories that "
-        "start with a calibration story's first tokens and continue with the model's own sampled "
-        "tokens (never the evaluation stories; the split chooser still measures on held-out "
-        "calibration text). Deep stages memorise a small calibration text; this gives them more "
-        "to learn from. Cached with --codebook-cache"},
-       {"generate-temperature", "0.8", "--calib-generate: sampling temperature (0: greedy)"},
-       {"generate-top-p", "0.9", "--calib-generate: nucleus sampling mass"},
-       {"generate-seed", "1", "--calib-generate: random seed"},
-       {"generate-prompt", "24",
-        "--calib-generate: prompt tokens taken from each story (BOS included)"},
-       {"generate-story", "320", "--calib-generate: tokens per model-written story at most"},
-       {"eval-seqs", "0", "evaluation sequences (0: all evaluation stories)"},
-       {"paper", "auto",
-        "the paper's split (head_dim 128: K 56x1024, V 16x512); auto scales the stages to the "
-        "model's head_dim, or give K stages x size, V stages x size"},
-       {"budgets", "2.75,2.5",
-        "code budgets (bits/element) for which `fit --bits` chooses a split; CONTEXT:BITS "
-        "evaluates that budget at one --contexts length only (e.g. 512:2.2,8192:2.3: the "
-        "fixed overheads differ with length)"},
-       {"iters", "10", "Lloyd iterations per stage"},
-       {"max-vectors", "65536", "training vectors per table (subsampled)"},
-       {"sinks", "4", "leading tokens kept exact"},
-       {"recent", "32", "most recent tokens kept exact"},
-       {"per-head", "", "one codebook per KV head (default: shared by a layer's heads)", true},
-       {"code-spaces", "none",
-        "rvq code spaces to fit and compare, comma-separated: none, or rope (keys coded "
-        "before RoPE, so codebooks calibrated on short contexts hold at long ones), kscale "
-        "(key channels weighted by the calibration queries' RMS), vscale (value channels "
-        "weighted by the output projection's column norms) joined by '+', e.g. "
-        "none,rope,rope+kscale"},
-       {"scale-exponent", "1", "channel weights are energy^(exponent/2)"},
-       {"beam", "1",
-        "> 1: beam search of this width in the --outliers rows, or (without --outliers) a "
-        "beam row after each `fit --bits` row"},
-       {"outliers", "",
-        "comma-separated counts: each adds every `fit --bits` row again with this many "
-        "outlier tokens per block and layer (their residual stored as int8; see "
-        "CodecSpec::outliers)"},
-       {"baselines", "true",
-        "evaluate scalar-2, scalar-4 and the paper split too (--baselines=false: raw and the "
-        "chosen rvq rows only, for quicker comparisons)",
-        true},
-       {"split-objective", "attn",
-        "what `fit --bits` minimises across layers: attn (the sum of attention-output "
-        "errors), kl (each layer's squared error weighted by how much compressing that layer "
-        "alone moves the model's next-token distributions on the held-out calibration "
-        "sequences; costs one model pass per layer), or attn,kl (rows for both)"},
-       {"sensitivity-pack", "",
-        "--split-objective kl: measure the layers' sensitivity on the held-out calibration "
-        "sequences joined into long contexts (up to the model's context length; default: each on "
-        "its own)",
-        true},
-       {"layer-weights-out", "",
-        "--split-objective kl: also write the layer weights to this file (for `vqkv fit "
-        "--bits B --layer-weights FILE`)"},
-       {"codebook-cache", "",
-        "folder: save each fit there and load it in a later run with the same samples and "
-        "settings instead of fitting again"},
-       {"markdown", "", "also write the table to this file"}});
+  std::vector<FlagSpec> specs = {
+      {"model", DefaultModelDir(), "LLaMA-architecture safetensors folder or .gguf file"},
+      {"text", DefaultTextPath(), "stories separated by <|endoftext|>"},
+      {"max-tokens", "512",
+       "tokens per calibration context (and per evaluation context without --contexts)"},
+      {"contexts", "", "evaluate at each of these context lengths, e.g. 512,2048,8192"},
+      {"eval-tokens", "0",
+       "with --contexts: about this many evaluation tokens per context (0: --eval-seqs)"},
+      {"max-stages", "",
+       "cap the stages fitted for the split chooser at K,V (e.g. 32,16; the paper split is "
+       "always fitted); default: as many as the largest budget could use"},
+      {"split-holdout", "0.25",
+       "share of the calibration sequences held out of the fit for the split chooser (0: "
+       "choose on the fitting data, which favours stages that memorise it)"},
+      {"refit", "true",
+       "after choosing splits on the held-out sequences, fit again on all calibration "
+       "sequences (--refit=false keeps the codebook the splits were measured on)",
+       true},
+      {"split-queries", "0",
+       "split chooser: at most this many query positions per calibration sequence (0: every "
+       "4th)"},
+      {"attn-queries", "0",
+       "attention metrics on at most this many query positions per sequence (0: all)"},
+      {"per-story", "",
+       "one story per sequence instead of packing stories into max-tokens contexts", true},
+      {"calib-fraction", "0.5",
+       "share of the stories (from the start) used for calibration; the rest evaluates"},
+      {"calib-seqs", "0", "calibration sequences (0: all calibration stories)"},
+      {"calib-generate", "0",
+       "also fit the codebooks on about this many tokens of model-written text: stories that "
+       "start with a calibration story's first tokens and continue with the model's own sampled "
+       "tokens (never the evaluation stories; the split chooser still measures on held-out "
+       "calibration text). Deep stages memorise a small calibration text; this gives them more "
+       "to learn from. Cached with --codebook-cache"},
+      {"eval-seqs", "0", "evaluation sequences (0: all evaluation stories)"},
+      {"paper", "auto",
+       "the paper's split (head_dim 128: K 56x1024, V 16x512); auto scales the stages to the "
+       "model's head_dim, or give K stages x size, V stages x size"},
+      {"budgets", "2.75,2.5",
+       "code budgets (bits/element) for which `fit --bits` chooses a split; CONTEXT:BITS "
+       "evaluates that budget at one --contexts length only (e.g. 512:2.2,8192:2.3: the "
+       "fixed overheads differ with length)"},
+      {"iters", "10", "Lloyd iterations per stage"},
+      {"max-vectors", "65536", "training vectors per table (subsampled)"},
+      {"sinks", "4", "leading tokens kept exact"},
+      {"recent", "32", "most recent tokens kept exact"},
+      {"per-head", "", "one codebook per KV head (default: shared by a layer's heads)", true},
+      {"code-spaces", "none",
+       "rvq code spaces to fit and compare, comma-separated: none, or rope (keys coded "
+       "before RoPE, so codebooks calibrated on short contexts hold at long ones), kscale "
+       "(key channels weighted by the calibration queries' RMS), vscale (value channels "
+       "weighted by the output projection's column norms) joined by '+', e.g. "
+       "none,rope,rope+kscale"},
+      {"scale-exponent", "1", "channel weights are energy^(exponent/2)"},
+      {"beam", "1",
+       "> 1: beam search of this width in the --outliers rows, or (without --outliers) a "
+       "beam row after each `fit --bits` row"},
+      {"outliers", "",
+       "comma-separated counts: each adds every `fit --bits` row again with this many "
+       "outlier tokens per block and layer (their residual stored as int8; see "
+       "CodecSpec::outliers)"},
+      {"baselines", "true",
+       "evaluate scalar-2, scalar-4 and the paper split too (--baselines=false: raw and the "
+       "chosen rvq rows only, for quicker comparisons)",
+       true},
+      {"split-objective", "attn",
+       "what `fit --bits` minimises across layers: attn (the sum of attention-output "
+       "errors), kl (each layer's squared error weighted by how much compressing that layer "
+       "alone moves the model's next-token distributions on the held-out calibration "
+       "sequences; costs one model pass per layer), or attn,kl (rows for both)"},
+      {"sensitivity-pack", "",
+       "--split-objective kl: measure the layers' sensitivity on the held-out calibration "
+       "sequences joined into long contexts (up to the model's context length; default: each on "
+       "its own)",
+       true},
+      {"layer-weights-out", "",
+       "--split-objective kl: also write the layer weights to this file (for `vqkv fit "
+       "--bits B --layer-weights FILE`)"},
+      {"codebook-cache", "",
+       "folder: save each fit there and load it in a later run with the same samples and "
+       "settings instead of fitting again"},
+      {"markdown", "", "also write the table to this file"}};
+  for (FlagSpec& g : GenerateFlags("--calib-generate")) specs.push_back(std::move(g));
+  Flags f("fidelity",
+          "Fit rvq codebooks on the first part of a text's stories (--calib-fraction) and compare "
+          "raw, scalar-2/4 and rvq on the rest with the real model (K/V error, attention error, "
+          "perplexity, top-1 agreement, KL).",
+          std::move(specs));
   if (int rc = ParseOrExit(f, argc, argv); rc >= 0) return rc;
   auto st = Fidelity(f);
   return st.ok() ? 0 : Fail(st);

@@ -1,7 +1,9 @@
 #include "client/cpp/cli/model_setup.h"
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "model/gguf_model.h"
 #include "model/gguf_tokenizer.h"
@@ -86,6 +88,45 @@ kernels::CodeSpaceOptions CodeSpaceForModel(const model::LlamaModel& model, bool
     }
   }
   return o;
+}
+
+std::vector<FlagSpec> GenerateFlags(const std::string& owner) {
+  return {{"generate-temperature", "0.8", owner + ": sampling temperature (0: greedy)"},
+          {"generate-top-p", "0.9", owner + ": nucleus sampling mass"},
+          {"generate-seed", "1", owner + ": random seed"},
+          {"generate-prompt", "24", owner + ": prompt tokens taken from each story (BOS included)"},
+          {"generate-story", "320", owner + ": tokens per model-written story at most"}};
+}
+
+absl::StatusOr<eval::GenerateOptions> GenerateOptionsFromFlags(const Flags& f, int64_t tokens) {
+  eval::GenerateOptions go;
+  go.tokens = tokens;
+  VQKV_ASSIGN_OR_RETURN(int64_t prompt, f.Int("generate-prompt"));
+  VQKV_ASSIGN_OR_RETURN(int64_t story, f.Int("generate-story"));
+  VQKV_ASSIGN_OR_RETURN(int64_t seed, f.Int("generate-seed"));
+  double temperature = 0, top_p = 0;
+  if (!absl::SimpleAtod(f.Str("generate-temperature"), &temperature) || !(temperature >= 0) ||
+      temperature > 10) {
+    return absl::InvalidArgumentError("--generate-temperature must be a number in [0, 10]");
+  }
+  if (!absl::SimpleAtod(f.Str("generate-top-p"), &top_p) || !(top_p > 0) || top_p > 1) {
+    return absl::InvalidArgumentError("--generate-top-p must be a number in (0, 1]");
+  }
+  if (tokens < 0 || prompt < 1 || story <= prompt || story > (1 << 20)) {
+    return absl::InvalidArgumentError(
+        "the token count must be >= 0, --generate-prompt >= 1 and --generate-story > "
+        "--generate-prompt");
+  }
+  go.prompt_tokens = int(prompt);
+  go.max_story_tokens = int(story);
+  go.sample.temperature = float(temperature);
+  go.sample.top_p = float(top_p);
+  go.sample.seed = uint64_t(seed);
+  return go;
+}
+
+std::string JoinStories(const std::vector<std::string>& stories) {
+  return absl::StrJoin(stories, absl::StrCat("\n", std::string(model::kStorySeparator), "\n"));
 }
 
 }  // namespace vqkv::cli

@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "client/cpp/cli/flags.h"
+#include "client/cpp/eval/fidelity_eval.h"
 #include "kernels/rvq_fit.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
@@ -36,5 +38,15 @@ absl::StatusOr<std::vector<std::string>> SelectPart(const std::vector<std::strin
 // that read each KV head).
 kernels::CodeSpaceOptions CodeSpaceForModel(const model::LlamaModel& model, bool key_rope,
                                             bool key_scale, bool value_scale, double exponent);
+
+// The --generate-* flags of model-written stories (eval::GenerateStories), shared by `capture
+// --generate` and `fidelity --calib-generate`; `owner` names the flag they qualify.
+std::vector<FlagSpec> GenerateFlags(const std::string& owner);
+// Options from those flags for `tokens` tokens; InvalidArgument naming the flag that is out of
+// range.
+absl::StatusOr<eval::GenerateOptions> GenerateOptionsFromFlags(const Flags& f, int64_t tokens);
+// Stories joined in the story file format (model/text_data.h): a file written from it loads back
+// as the same stories after SplitStories().
+std::string JoinStories(const std::vector<std::string>& stories);
 
 }  // namespace vqkv::cli
