@@ -3,6 +3,7 @@
 // spending fewer bits.
 #include "client/cpp/eval/fidelity_eval.h"
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kernels/codebook.h"
 #include "kernels/rvq_budget.h"
@@ -132,6 +133,11 @@ TEST(GenerateStoriesTest, ModelWrittenStoriesFromSeeds) {
   }
   EXPECT_GE(tokens, 360);
   EXPECT_LE(tokens, 400 + 4 * 84);
+  // Written as a story file and read back, the stories are unchanged (trimmed, no separator).
+  std::string file;
+  for (const std::string& st : *a)
+    absl::StrAppend(&file, st, "\n", std::string(model::kStorySeparator), "\n");
+  EXPECT_EQ(model::SplitStories(file), *a);
   const auto b = GenerateStories(*m, *tok, seeds, go);
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(*a, *b);            // seeded

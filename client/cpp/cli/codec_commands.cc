@@ -7,7 +7,6 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
 #include "client/cpp/cli/commands.h"
 #include "client/cpp/cli/flags.h"
 #include "client/cpp/cli/model_setup.h"
@@ -22,7 +21,6 @@
 #include "kernels/ratio.h"
 #include "kernels/rvq_budget.h"
 #include "kernels/rvq_fit.h"
-#include "model/text_data.h"
 
 namespace vqkv::cli {
 namespace {
@@ -153,12 +151,11 @@ absl::Status Capture(const Flags& f) {
     VQKV_ASSIGN_OR_RETURN(std::vector<std::string> gen,
                           eval::GenerateStories(m.model, m.tokenizer, *stories, go));
     bar.Finish(absl::StrCat(gen.size(), " model-written stories"));
-    const std::string joined = JoinStories(gen);
     if (!f.Str("generate-out").empty()) {
-      VQKV_RETURN_IF_ERROR(WriteStringToFile(f.Str("generate-out"), joined));
+      VQKV_RETURN_IF_ERROR(WriteStringToFile(f.Str("generate-out"), JoinStories(gen)));
     }
-    const eval::Corpus gc = eval::BuildCorpus(m.tokenizer, model::SplitStories(joined),
-                                              int(max_tokens), 40, 0, f.Bool("pack"));
+    const eval::Corpus gc =
+        eval::BuildCorpus(m.tokenizer, gen, int(max_tokens), 40, 0, f.Bool("pack"));
     VQKV_ASSIGN_OR_RETURN(kernels::KvSamples gs, eval::CaptureSamples(m.model, gc));
     std::fprintf(stderr, "captured %lld model-written tokens in %zu sequences\n",
                  (long long)gs.tokens(0), gc.seqs.size());

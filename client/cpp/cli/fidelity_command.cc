@@ -10,7 +10,6 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "client/cpp/cli/commands.h"
 #include "client/cpp/cli/flags.h"
@@ -210,13 +209,9 @@ absl::StatusOr<kernels::KvSamples> GeneratedSamples(
     go.progress = [&](int64_t d, int64_t, const std::string& w) { gbar.Update(d, w); };
     VQKV_ASSIGN_OR_RETURN(stories, eval::GenerateStories(setup.model, setup.tokenizer, seeds, go));
     gbar.Finish(absl::StrCat(stories.size(), " model-written stories"));
-    // Through the story file format (trimmed, split on the separator), so that a run that
-    // loads the cached file sees exactly these stories.
-    const std::string joined = JoinStories(stories);
-    stories = model::SplitStories(joined);
     if (!path.empty()) {
       std::filesystem::create_directories(cache_dir);
-      VQKV_RETURN_IF_ERROR(WriteStringToFile(path, joined));
+      VQKV_RETURN_IF_ERROR(WriteStringToFile(path, JoinStories(stories)));
     }
   }
   if (!stories.empty()) {

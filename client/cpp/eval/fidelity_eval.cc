@@ -8,6 +8,7 @@
 #include <mutex>
 #include <random>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/parallel.h"
@@ -103,10 +104,12 @@ absl::StatusOr<std::vector<std::string>> GenerateStories(const model::LlamaModel
         ids.push_back(t);
       }
       std::string text = tok.Decode(ids);
-      // A story must not hold the separator the story files use.
+      // As a story file holds it (model/text_data.h SplitStories): no separator inside, no
+      // surrounding whitespace, so the stories written to a file load back unchanged.
       for (size_t at; (at = text.find(model::kStorySeparator)) != std::string::npos;) {
         text.erase(at, model::kStorySeparator.size());
       }
+      text = std::string(absl::StripAsciiWhitespace(text));
       if (text.empty()) continue;
       done += int64_t(ids.size()) + 1;
       stories.push_back(std::move(text));

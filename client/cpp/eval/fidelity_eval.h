@@ -40,7 +40,8 @@ absl::StatusOr<kernels::KvSamples> CaptureSamples(const model::LlamaModel& m, co
 // `prompt_tokens` tokens (BOS included) of one of `seeds`, in turn, and continues with the model's
 // own sampled tokens (LlamaModel::Sample) up to `max_story_tokens` tokens or its EOS; stories are
 // drawn until they hold `tokens` tokens. Deterministic for the given options. Returns the story
-// texts (without BOS/EOS), for BuildCorpus like any other stories. InvalidArgument when `seeds`
+// texts (without BOS/EOS, trimmed, never holding the story separator: as a story file written
+// from them loads back), for BuildCorpus like any other stories. InvalidArgument when `seeds`
 // is empty or a count is not positive.
 struct GenerateOptions {
   int64_t tokens = 0;
