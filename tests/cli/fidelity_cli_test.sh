@@ -54,6 +54,14 @@ if "$vqkv" fit --samples "$tmp/s.safetensors" --bits 2.5 --iters 1 --layer-weigh
 grep -q "holds 3 weights but the samples have 2 layers" "$tmp/f3.err" || fail "weights count message"
 if "$vqkv" "${args[@]}" --split-objective mse >/dev/null 2>"$tmp/m.err"; then fail "unknown objective accepted"; fi
 grep -q "use attn, kl or attn,kl" "$tmp/m.err" || fail "objective error message"
+# --exact-tokens (diagnostic): BOS positions read exact; the rows say so, bits do not change,
+# and an id outside the vocabulary is refused.
+"$vqkv" "${args[@]}" --exact-tokens bos >"$tmp/e.out" 2>"$tmp/e.err" || { cat "$tmp/e.err"; fail "exact-tokens run"; }
+grep -q 'diagnostic: token ids [0-9]* read exact' "$tmp/e.out" || fail "exact-tokens rows not labelled"
+cmp -s <(awk -F'|' '$3 ~ /rvq fit/ {print $5}' "$tmp/a.out") \
+       <(awk -F'|' '$3 ~ /rvq fit/ {print $5}' "$tmp/e.out") || fail "exact-tokens changed the bits"
+if "$vqkv" "${args[@]}" --exact-tokens 99999999 >/dev/null 2>"$tmp/x.err"; then fail "bad token id accepted"; fi
+grep -q "is neither bos nor a token id of the model" "$tmp/x.err" || fail "exact-tokens error message"
 # A budget for a context that is not evaluated is an error, not a silent no-op.
 if "$vqkv" fidelity --model "$model" --contexts 128 --budgets 512:2.2 >/dev/null 2>"$tmp/c.err"; then
   fail "unknown budget context accepted"

@@ -10,6 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "client/cpp/cli/commands.h"
 #include "client/cpp/cli/flags.h"
@@ -605,6 +606,26 @@ absl::Status Fidelity(const Flags& f) {
     }
   }
 
+  // Diagnostic: tokens read exact in every layer (after the split chooser and the sensitivity
+  // pass, which never see it).
+  std::string exact_label;
+  if (!f.Str("exact-tokens").empty()) {
+    if (synthetic) return absl::InvalidArgumentError("--exact-tokens needs a model");
+    for (absl::string_view p : absl::StrSplit(f.Str("exact-tokens"), ',', absl::SkipEmpty())) {
+      int id = -1;
+      if (p == "bos") {
+        id = setup->tokenizer.bos_id();
+      } else if (!absl::SimpleAtoi(p, &id) || id < 0 || id >= setup->model.config().vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--exact-tokens: '", std::string(p), "' is neither bos nor a token id of the model"));
+      }
+      if (id < 0) return absl::InvalidArgumentError("--exact-tokens bos: the model has no BOS");
+      eo.exact_token_ids.push_back(id);
+    }
+    exact_label = absl::StrCat(" [diagnostic: token ids ", absl::StrJoin(eo.exact_token_ids, ","),
+                               " read exact]");
+  }
+
   std::vector<eval::EvalRow> rows;
   const size_t n_ctx = synthetic ? 1 : eval_corpora.size();
   ProgressBar ebar("eval", int64_t(cands.size() * n_ctx));
@@ -637,6 +658,7 @@ absl::Status Fidelity(const Flags& f) {
       if (cands[i].codebook) {
         row.codec = absl::StrFormat("%s%s", synthetic ? "SYNTHETIC " : "", cands[i].name);
       }
+      row.codec += exact_label;
       rows.push_back(std::move(row));
       ebar.Update(
           int64_t(ci * cands.size() + i) + 1,
@@ -755,6 +777,10 @@ int RunFidelity(int argc, char** argv) {
       {"codebook-cache", "",
        "folder: save each fit there and load it in a later run with the same samples and "
        "settings instead of fitting again"},
+      {"exact-tokens", "",
+       "diagnostic: positions holding these token ids (comma-separated; bos for the model's "
+       "BOS) read their exact K/V in every layer of the rvq rows, though stored and counted as "
+       "coded: how much of the error such tokens cause (e.g. each packed story's BOS)"},
       {"markdown", "", "also write the table to this file"}};
   for (FlagSpec& g : GenerateFlags("--calib-generate")) specs.push_back(std::move(g));
   Flags f("fidelity",

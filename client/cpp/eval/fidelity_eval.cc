@@ -235,6 +235,14 @@ absl::StatusOr<EvalRow> Evaluate(const model::LlamaModel& m, const Corpus& c, co
                       int64_t(sizeof(kernels::PayloadHeader)) - int64_t{2} * sinks * row_elems * 2;
         compressed_elems += int64_t{2} * (n - sinks) * row_elems;
       }
+      for (int t = 0; t < T && !opts.exact_token_ids.empty(); ++t) {
+        if (std::find(opts.exact_token_ids.begin(), opts.exact_token_ids.end(), seq[t]) ==
+            opts.exact_token_ids.end()) {
+          continue;
+        }
+        std::memcpy(kh->data() + t * row_elems, k.data() + t * row_elems, row_elems * 4);
+        std::memcpy(vh->data() + t * row_elems, v.data() + t * row_elems, row_elems * 4);
+      }
       k_hat[layer] = *kh;
       v_hat[layer] = *vh;
       return absl::OkStatus();

@@ -73,6 +73,11 @@ struct EvalOptions {
   // keep their exact cache (per-layer sensitivity, LayerSensitivity below). The bits and K/V
   // columns then cover the compressed layers only.
   std::vector<bool> compress_layers;
+  // Diagnostic only: positions holding one of these token ids read their exact K/V in every
+  // layer (stored as coded all the same, so the bits columns do not change). Shows how much of
+  // the error comes from such tokens, e.g. the BOS of each story packed into a long context,
+  // which later positions of that story attend to as a sink.
+  std::vector<int> exact_token_ids;
 };
 
 struct EvalRow {
