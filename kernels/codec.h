@@ -63,11 +63,12 @@ struct CodecSpec {
   int scalar_bits = 2;    // scalar: 2 or 4
   int scalar_group = 32;  // scalar: group size (tokens for K, channels for V)
   int beam = 1;           // rvq: 1 = greedy; >1 = beam search of that width
-  // rvq: in every block and layer, this many coded tokens with the largest relative error (K and
-  // V, all heads) also store their residual (or the vector itself, if smaller) as int8 with an
-  // fp16 scale per head vector: the attention sinks inside a long context, rare small-norm
-  // vectors that draw much of the attention. 0 = off. A fixed count per block, so payload sizes
-  // stay a function of the shape.
+  // rvq: in every block and layer, this many coded tokens also store their residual (or the
+  // vector itself, if smaller) as int8 with an fp16 scale per head vector: first the sink-like
+  // ones (K and V both below half the block's median norm: the attention sinks inside a long
+  // context, rare small-norm vectors that draw much of the attention), then those with the
+  // largest relative error (K and V, all heads). 0 = off. A fixed count per block, so payload
+  // sizes stay a function of the shape.
   int outliers = 0;
   std::shared_ptr<const Codebook> codebook;  // rvq: required
 };

@@ -2,7 +2,8 @@
 // Body layout: one bit stream, for l in layers, c in {K, V}, t in non-sink tokens, h in heads,
 // i in stages(l, c): code (log2 size(l, c) bits). Zero-padded to a byte at the end.
 // With outliers = N > 0 (CodecSpec::outliers) the bit stream is followed, for l in layers, by
-// min(N, non-sink tokens) entries in increasing token order: int32 token (index among the non-sink
+// min(N, non-sink tokens) entries (sink-like tokens first, then the worst coded; see
+// AppendOutliers) in increasing token order: int32 token (index among the non-sink
 // tokens), then for c in {K, V}, h in heads: fp16 scale and head_dim int8 values of the residual
 // left after the stages (in the code space), added back on decode; a negative scale means the
 // int8 values are the vector itself (in the code space), replacing the stages' reconstruction.
@@ -265,8 +266,15 @@ class RvqCodec final : public Codec {
     return res;
   }
 
-  // Picks the min(outliers, tokens) coded tokens of block layer l with the largest relative
-  // residual energy (K and V, all heads) and appends their int8 residuals.
+  // Sink-like: both norms below this fraction of the block's median (blocks of at least
+  // kSinkMinTokens coded tokens); such tokens rank before all others (kSinkBonus exceeds any
+  // sum of two relative energies worth keeping apart).
+  static constexpr double kSinkNormRatio = 0.5;
+  static constexpr int kSinkMinTokens = 8;
+  static constexpr double kSinkBonus = 1e6;
+
+  // Picks the min(outliers, tokens) coded tokens of block layer l: sink-like tokens first, then
+  // the largest relative residual energy (K and V, all heads); appends their int8 residuals.
   void AppendOutliers(const PayloadHeader& h, int l, const std::vector<float>& k_in,
                       const std::vector<float>& v_in, const std::vector<int32_t>& k_codes,
                       const std::vector<int32_t>& v_codes, std::string* body) const {
@@ -279,11 +287,13 @@ class RvqCodec final : public Codec {
                                        Residual(ml, 1, heads, dim, v_in, v_codes)};
     const std::vector<float>* in[2] = {&k_in, &v_in};
     std::vector<double> score(size_t(t1), 0.0);
+    std::vector<double> norm2[2];
     for (int c = 0; c < 2; ++c) {
       double mean_energy = 0;
       for (float f : *in[c]) mean_energy += double(f) * f;
       mean_energy /= std::max(1, t1);
       const double floor = 1e-6 * mean_energy + 1e-30;
+      norm2[c].resize(size_t(t1));
       for (int t = 0; t < t1; ++t) {
         double e = 0, x2 = 0;
         for (int64_t i = int64_t{t} * heads * dim; i < int64_t{t + 1} * heads * dim; ++i) {
@@ -291,6 +301,23 @@ class RvqCodec final : public Codec {
           x2 += double((*in[c])[i]) * (*in[c])[i];
         }
         score[t] += e / std::max(x2, floor);
+        norm2[c][t] = x2;
+      }
+    }
+    // Sink-like tokens first: K and V both far smaller than the block's median (code space, all
+    // heads). They draw much of the attention (the BOS of each story packed into a long
+    // context: in SmolLM2's layers 12-29, 25-62% of all attention mass on 0.6% of the tokens,
+    // with 0.2-0.4 times the median norms) while their relative error need not be the largest.
+    if (t1 >= kSinkMinTokens) {
+      double med[2];
+      for (int c = 0; c < 2; ++c) {
+        std::vector<double> x = norm2[c];
+        std::nth_element(x.begin(), x.begin() + x.size() / 2, x.end());
+        med[c] = x[x.size() / 2];
+      }
+      const double r2 = kSinkNormRatio * kSinkNormRatio;
+      for (int t = 0; t < t1; ++t) {
+        if (norm2[0][t] < r2 * med[0] && norm2[1][t] < r2 * med[1]) score[t] += kSinkBonus;
       }
     }
     std::vector<int32_t> order(static_cast<size_t>(t1));

@@ -301,6 +301,60 @@ TEST(RvqCodecTest, OutliersCorrectTheWorstCodedTokens) {
   EXPECT_NE(with->Label().find("+outliers2"), std::string::npos) << with->Label();
 }
 
+TEST(RvqCodecTest, OutliersTakeSinkLikeTokensFirst) {
+  // Token 20 shrunk to 0.3x in K and V (sink-like: both norms under half the block's median),
+  // token 40 pushed far off the codewords (3x, sign-flipped in half of its channels), which the
+  // plain codes reconstruct worse in relative terms. With one outlier slot the sink-like token
+  // gets it.
+  // The codebooks are fitted on data where a quarter of the tokens are shrunk alike, so that
+  // they code such tokens well in relative terms (as SmolLM2's tables code the BOS positions
+  // the calibration text holds).
+  const KvShape s{1, 64, 2, 16};
+  auto fit_x = testing::RandomKv(s, 33);
+  for (int t = 0; t < 16; ++t) {
+    for (int c = 0; c < 2; ++c) {
+      for (int h = 0; h < 2; ++h) {
+        for (int d = 0; d < 16; ++d) fit_x[s.Offset(0, c, t * 4, h) + d] *= 0.3f;
+      }
+    }
+  }
+  auto cb = Fit(s, fit_x, {2, 32}, {2, 32});
+  auto x = testing::RandomKv(s, 34);
+  const int sink = 20, off = 40;
+  for (int c = 0; c < 2; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      for (int d = 0; d < 16; ++d) {
+        x[s.Offset(0, c, sink, h) + d] *= 0.3f;
+        x[s.Offset(0, c, off, h) + d] *= (d % 2 ? -3.f : 3.f);
+      }
+    }
+  }
+  auto plain = RvqWithOutliers(cb, 0);
+  auto with = RvqWithOutliers(cb, 1);
+  std::vector<std::string> a, b;
+  ASSERT_TRUE(plain->Encode({{s, DType::kF32, x.data(), 0}}, &a).ok());
+  ASSERT_TRUE(with->Encode({{s, DType::kF32, x.data(), 0}}, &b).ok());
+  const auto ya = *plain->DecodeToFloat(a[0]);
+  const auto yb = *with->DecodeToFloat(b[0]);
+  const double rel_sink = TokenRelError(s, x, ya, 0, 0, sink) + TokenRelError(s, x, ya, 0, 1, sink);
+  const double rel_off = TokenRelError(s, x, ya, 0, 0, off) + TokenRelError(s, x, ya, 0, 1, off);
+  double rel_max_other = 0;
+  for (int t = 0; t < s.tokens; ++t) {
+    if (t == sink) continue;
+    rel_max_other = std::max(rel_max_other,
+                             TokenRelError(s, x, ya, 0, 0, t) + TokenRelError(s, x, ya, 0, 1, t));
+  }
+  // The construction holds: by relative error alone, another token would take the slot.
+  ASSERT_GT(rel_max_other, rel_sink) << rel_off;
+  int32_t entry = -1;
+  std::memcpy(&entry, b[0].data() + a[0].size(), 4);
+  EXPECT_EQ(entry, sink);
+  for (int c = 0; c < 2; ++c) {
+    EXPECT_LT(TokenRelError(s, x, yb, 0, c, sink), 1e-3) << c;
+    EXPECT_EQ(TokenRelError(s, x, yb, 0, c, off), TokenRelError(s, x, ya, 0, c, off)) << c;
+  }
+}
+
 TEST(RvqCodecTest, OutlierEntriesAreValidated) {
   const KvShape s{1, 16, 2, 8};
   const auto x = testing::RandomKv(s, 22);
