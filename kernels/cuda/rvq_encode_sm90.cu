@@ -1270,7 +1270,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 // without a producer, in variant 10 late TMA issue, LoadRows and a per-slot release counter
 // instead of the CTA barrier, and in 13 the score offsets stored by the producer warp in a
 // per-lane order for LDS.128 loads (as many shared-memory wavefronts; copying them into the row
-// g + 8 accumulators makes ptxas serialize the MMAs) and other start lags.
+// g + 8 accumulators makes ptxas serialize the MMAs) and other start lags, and in 13 the offsets
+// added in the epilogue instead of loaded into the accumulators (-3.8%: the FADDs cost more issue
+// slots than the load wait they remove; 2026-12-06).
 template <int D_, int WGS_, int NBUF_, int AHEAD_, int CREGS_ = 0, int PREGS_ = 0>
 struct PingCfg {
   static constexpr int kD = D_;
