@@ -349,8 +349,11 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
           "as 8 with TMA chunk loads",
           "as 9 with TMA chunk loads",
           "ping-pong: 2 warpgroups + TMA producer warp, 128-row tiles, 10-chunk ring",
-          "ping-pong: 3 warpgroups + TMA producer warp, 192-row tiles, 8-chunk ring"};
-      for (int variant = 1; variant <= 13; ++variant) {
+          "ping-pong: 3 warpgroups + TMA producer warp, 192-row tiles, 8-chunk ring",
+          "as 13 with the score offsets loaded one chunk step early",
+          "as 13, rescore skipped where the tensor-core scores decide",
+          "as 14, rescore skipped where the tensor-core scores decide"};
+      for (int variant = 1; variant <= 16; ++variant) {
         const int rv = kc::RvqEncodeResolvedVariant(cfg.head_dim, variant);
         if (rv != variant) continue;  // not available here (e.g. no sm_90a)
         kc::GpuRvqOptions ov = o;

@@ -580,12 +580,12 @@ constexpr int kSm90Default = 13;
 // (a wgmma configuration on sm_90, else the mma.sync default); unsupported variants fall back
 // to 0.
 int ResolveVariant(int dim, int variant) {
-  if (variant >= 5 && variant <= 13) {
+  if (variant >= 5 && variant <= 16) {
     if (Sm90Usable(dim)) return variant;
     variant = 0;
   }
   if (variant >= 1 && variant <= 3 && dim != 128) variant = 0;
-  if (variant < 0 || variant > 13) variant = 0;
+  if (variant < 0 || variant > 16) variant = 0;
   if (variant == 0) return Sm90Usable(dim) ? kSm90Default : 4;
   return variant;
 }
@@ -600,7 +600,7 @@ bool RvqEncodeVariantSupported(int dim, int variant) {
   if (!RvqEncodeHasTensorCorePath(dim)) return false;
   if (variant == 0 || variant == 4) return true;
   if (variant >= 1 && variant <= 3) return dim == 128;
-  if (variant >= 5 && variant <= 13) return Sm90Usable(dim);
+  if (variant >= 5 && variant <= 16) return Sm90Usable(dim);
   return false;
 }
 
@@ -628,6 +628,9 @@ int RvqEncodeTileRows(int dim, int variant) {
     case 11:
     case 12:
     case 13:
+    case 14:
+    case 15:
+    case 16:
       return RvqEncodeSm90TileRows(dim, v);
 #endif
     default:
@@ -687,6 +690,9 @@ cudaError_t LaunchRvqEncode(const RvqEncodeParams& p, cudaStream_t stream) {
     case 11:
     case 12:
     case 13:
+    case 14:
+    case 15:
+    case 16:
       return LaunchRvqEncodeSm90(p, ResolveVariant(p.dim, p.variant), stream);
 #endif
     default:

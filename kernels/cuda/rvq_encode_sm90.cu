@@ -261,6 +261,74 @@ __device__ __forceinline__ void BuildAFrags(uint32_t (&a)[C::kKS][4], const floa
   }
 }
 
+// BuildAFrags, and the squared norms rn[h] of the fp32 residual rows r0 + 8h (every lane of
+// the row's lane quad gets them).
+template <class C>
+__device__ __forceinline__ void BuildAFragsNorm(uint32_t (&a)[C::kKS][4], const float* res,
+                                                float sc, int r0, int q, float (&rn)[2]) {
+  constexpr int D = C::kD;
+  const int r1 = r0 + 8;
+  float n0 = 0.f, n1 = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < C::kKS; ++ks) {
+    const int k0 = ks * 16 + 2 * q;
+    const float2 v00 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r0, k0));
+    const float2 v10 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r1, k0));
+    const float2 v01 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r0, k0 + 8));
+    const float2 v11 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r1, k0 + 8));
+    a[ks][0] = Half2Sat(sc * v00.x, sc * v00.y);
+    a[ks][1] = Half2Sat(sc * v10.x, sc * v10.y);
+    a[ks][2] = Half2Sat(sc * v01.x, sc * v01.y);
+    a[ks][3] = Half2Sat(sc * v11.x, sc * v11.y);
+    n0 = fmaf(v00.x, v00.x, n0);
+    n0 = fmaf(v00.y, v00.y, n0);
+    n0 = fmaf(v01.x, v01.x, n0);
+    n0 = fmaf(v01.y, v01.y, n0);
+    n1 = fmaf(v10.x, v10.x, n1);
+    n1 = fmaf(v10.y, v10.y, n1);
+    n1 = fmaf(v11.x, v11.x, n1);
+    n1 = fmaf(v11.y, v11.y, n1);
+  }
+  n0 += __shfl_xor_sync(0xffffffffu, n0, 1);
+  n1 += __shfl_xor_sync(0xffffffffu, n1, 1);
+  n0 += __shfl_xor_sync(0xffffffffu, n0, 2);
+  n1 += __shfl_xor_sync(0xffffffffu, n1, 2);
+  rn[0] = n0;
+  rn[1] = n1;
+}
+
+__device__ __forceinline__ float SqrtApprox(float x) {
+  float r;
+  asm("sqrt.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// Whether the tensor-core scores alone decide between a row's two candidates, i.e. the exact fp32
+// rescore would pick the first: their score gap (c1 - c2, index bits in the low mantissa bits)
+// exceeds the sum of both scores' error bounds. Scores are those of a = sc * r (fp16-rounded,
+// relative error <= 2^-11, absolute <= 2^-25 below fp16's normal range) against b = sc * c
+// (fp16(sc * c), the same) plus -|b|^2 / 2: per candidate the operand rounding is at most
+// (2^-10 + 2^-22) |a||b| + 2^-25 sqrt(D) (|a| + |b|) (Cauchy-Schwarz), the index bits perturb the
+// score by rho (|a||b| + |b|^2 / 2) (rho: 2^-23 times the index range), and the fp32 accumulation
+// and the fp32 rescore's own rounding are bounded generously by 2^-12 (|a||b| + |b|^2 / 2).
+// rn: |r|^2; nc1, nc2: |c1|^2, |c2|^2 (the norms table). Saturated operands (|a| >= 16384 may
+// hold an element beyond fp16's range) are never decided here.
+template <int D>
+__device__ __forceinline__ bool ScoresDecide(float c1, float c2, float sc, float rn, float nc1,
+                                             float nc2, float rho) {
+  const float na = sc * SqrtApprox(rn) * (1.f + 0x1p-12f);
+  const float nb1 = sc * SqrtApprox(nc1) * (1.f + 0x1p-12f);
+  const float nb2 = sc * SqrtApprox(nc2) * (1.f + 0x1p-12f);
+  constexpr float kSqrtD = D == 128 ? 11.3137085f : 8.f;
+  const float t1 = na * nb1 + 0.5f * nb1 * nb1;
+  const float t2 = na * nb2 + 0.5f * nb2 * nb2;
+  const float k = rho + 0x1p-12f;
+  const float e = (0x1p-10f + 0x1p-20f) * na * (nb1 + nb2) + k * (t1 + t2) +
+                  0x1p-24f * kSqrtD * (2.f * na + nb1 + nb2 + 2.f);
+  // c1 - c2 is exact (Sterbenz) when they are close, which is when it matters.
+  return na < 16384.f && (c1 - c2) > e * (1.f + 0x1p-10f);
+}
+
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     RvqEncodeWgmmaKernel(const RvqEncodeParams p) {
@@ -834,6 +902,59 @@ __device__ __forceinline__ void ChunkMax(float (&m)[4], const float (&acc)[32], 
   }
 }
 
+// ChunkMax<true> of acc fused with loading the score offsets of a later chunk into acc (shared
+// address a0 as in InitFromOffsets): each half's loads go into the registers whose scores the
+// half above consumed, ordered after them by a false dependency on the half's maxima (zmask: a
+// zero ptxas cannot prove), so that the loads neither wait for the whole reduce nor need
+// registers beside the scores.
+__device__ __forceinline__ void ChunkMaxInit(float (&m)[4], float (&acc)[32], uint32_t qbits,
+                                             uint32_t cbits, uint32_t hi_mask, uint32_t a0,
+                                             uint32_t zmask) {
+  float mc[4];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int j = 4 * half; j < 4 * half + 4; ++j) {
+      const uint32_t ce = 0x06u | (static_cast<uint32_t>(7 - j) << 3) | 1u;
+      const uint32_t co = 0x06u | (static_cast<uint32_t>(7 - j) << 3);
+      const float k0 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 0]), qbits, ce));
+      const float k1 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 1]), qbits, co));
+      const float k2 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 2]), qbits, ce));
+      const float k3 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 3]), qbits, co));
+      if (j == 0) {
+        mc[0] = k0;
+        mc[1] = k1;
+        mc[2] = k2;
+        mc[3] = k3;
+      } else {
+        mc[0] = fmaxf(mc[0], k0);
+        mc[1] = fmaxf(mc[1], k1);
+        mc[2] = fmaxf(mc[2], k2);
+        mc[3] = fmaxf(mc[3], k3);
+      }
+    }
+    const uint32_t dep = (__float_as_uint(mc[0]) | __float_as_uint(mc[3])) & zmask;
+    const uint32_t ah = a0 + dep;
+#pragma unroll
+    for (int j = 4 * half; j < 4 * half + 4; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        asm volatile("ld.volatile.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(acc[4 * j + 2 * h]), "=f"(acc[4 * j + 2 * h + 1])
+                     : "r"(ah + 32 * j));
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t v;
+    asm("lop3.b32 %0, %1, %2, %3, 0xBA;\n"
+        : "=r"(v)
+        : "r"(__float_as_uint(mc[i])), "r"(hi_mask), "r"(cbits));
+    m[i] = fmaxf(m[i], __uint_as_float(v));
+  }
+}
+
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     RvqEncodeWgmmaPipeKernel(const RvqEncodeParams p, const __grid_constant__ CUtensorMap tmap) {
@@ -1273,9 +1394,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 // g + 8 accumulators makes ptxas serialize the MMAs) and other start lags, and in 13 the offsets
 // added in the epilogue instead of loaded into the accumulators (-3.8%: the FADDs cost more issue
 // slots than the load wait they remove; 2026-12-06).
-template <int D_, int WGS_, int NBUF_, int AHEAD_, int CREGS_ = 0, int PREGS_ = 0>
+template <int D_, int WGS_, int NBUF_, int AHEAD_, int CREGS_ = 0, int PREGS_ = 0,
+          bool PRE_ = false, bool SKIP_ = false>
 struct PingCfg {
   static constexpr int kD = D_;
+  // SKIP_: at a stage's end, row batches whose tensor-core scores already decide between their
+  // two candidates (ScoresDecide; identical codes) skip the exact rescore: one codeword load per
+  // row and the residual update.
+  static constexpr bool kSkip = SKIP_;
+  // PRE_: chunk c + 2's score offsets are loaded into the accumulator set that chunk c's
+  // reduce frees, during that reduce, so that chunk c + 2's MMAs issue without waiting on them.
+  static constexpr bool kPre = PRE_;
   // CREGS_ > 0: a whole producer warpgroup (one warp loads, three idle) that gives registers
   // back with setmaxnreg (PREGS_ per thread) so that the consumers can take CREGS_ each.
   static constexpr int kCRegs = CREGS_;
@@ -1326,6 +1455,15 @@ using PingTwo = PingCfg<D, 2, (D == 128 ? 10 : 16), 2>;
 // codeword loads two batches ahead.
 template <int D>
 using PingThree = PingCfg<D, 3, (D == 128 ? 8 : 16), 2, 160, 24>;
+// Variant 14: 13 with the score offsets loaded one chunk step early (kPre).
+template <int D>
+using PingThreePre = PingCfg<D, 3, (D == 128 ? 8 : 16), 2, 160, 24, true>;
+// Variant 15: 13 with the rescore skipped where the scores decide (kSkip; the codeword loads one
+// batch ahead, two spill); 16: 14 with it.
+template <int D>
+using PingThreeSkip = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, false, true>;
+template <int D>
+using PingThreePreSkip = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, true, true>;
 
 __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
@@ -1438,7 +1576,14 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   __syncwarp();
 
   uint32_t a[C::kKS][4];
-  auto build_a = [&](int stage) { BuildAFrags<C>(a, res, tab.scale[stage], wrow + g, q); };
+  float rn[2];  // kSkip: |r|^2 of rows wrow + g + 8h
+  auto build_a = [&](int stage) {
+    if constexpr (C::kSkip) {
+      BuildAFragsNorm<C>(a, res, tab.scale[stage], wrow + g, q, rn);
+    } else {
+      BuildAFrags<C>(a, res, tab.scale[stage], wrow + g, q);
+    }
+  };
   build_a(0);
 
   // wgmma B descriptors: low word = (address >> 4) | LBO 16 B; high word: SBO 1024 B, 128B swizzle.
@@ -1499,6 +1644,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // wrap-around ptxas masked). Both: 18 instructions fewer per two chunks in ptxas's loop and
   // +1.2-1.3% side by side (2026-11-29 17:16 and 17:20 UTC).
   uint32_t cbits = hi_mask;
+  // 0 (size_pad <= 65,536), not known to ptxas: ChunkMaxInit's false dependency.
+  const uint32_t zmask = hi_mask >> 16;
   auto start_chunk = [&](float(&acc)[32], int s) {
     ci_init(acc, cibuf + s * C::kBN);
     IssueChunkMmas<C>(acc, a, desc_lo0 + static_cast<uint32_t>(s) * (C::kCbBytes >> 4));
@@ -1507,11 +1654,31 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     ChunkMax<true>(m, acc, qbits, cbits, hi_mask);
     cbits -= C::kBN;
   };
+  // kPre: slot of the chunk whose offsets are already in nxt (acquired).
+  int s_pre = 0;
   // One chunk: the next chunk's MMAs go into nxt before cur's are waited for; cur is reduced
-  // while nxt's run.
-  auto step = [&](float(&cur)[32], float(&nxt)[32], auto next_tag) {
+  // while nxt's run. kPre (pre: chunk c + 2 exists in this stage): nxt already holds its
+  // offsets, and cur takes those of chunk c + 2 during its reduce.
+  auto step = [&](float(&cur)[32], float(&nxt)[32], auto next_tag, bool pre) {
     constexpr bool kNext = decltype(next_tag)::value;
-    if constexpr (kNext) {
+    if constexpr (kNext && C::kPre) {
+      IssueChunkMmas<C>(nxt, a, desc_lo0 + static_cast<uint32_t>(s_pre) * (C::kCbBytes >> 4));
+      WgmmaWait<1>();
+#pragma unroll
+      for (int i = 0; i < 32; ++i) FenceReg(cur[i]);
+      release(s_cur);
+      s_cur = s_pre;
+      if (pre) {
+        s_pre = acquire();
+        ChunkMaxInit(m, cur, qbits, cbits, hi_mask, SmemAddr(cibuf + s_pre * C::kBN + 2 * q),
+                     zmask);
+        cbits -= C::kBN;
+      } else {
+        reduce(cur);
+      }
+      return;
+    } else if constexpr (kNext) {
+      (void)pre;
       const int s_nxt = acquire();
       start_chunk(nxt, s_nxt);
       WgmmaWait<1>();
@@ -1568,18 +1735,44 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       n1[h] = __ldg(norms + j1);
       n2[h] = __ldg(norms + j2);
     }
+    // kSkip (not at the last stage, whose exact distances are outputs): bit 4g of dec[h] set
+    // when row g + 8h's scores decide (or it has one candidate); a row batch whose rows all
+    // decide takes c1 without the rescore.
+    uint32_t dec[2] = {0u, 0u};
+    if constexpr (C::kSkip && !kLast) {
+      const float sc = __ldg(tab.scale + stage);
+      const float rho = static_cast<float>(idx_mask + 1u) * 0x1p-23f;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool d =
+            o1[h] == o2[h] || ScoresDecide<D>(c1[h], c2[h], sc, rn[h], n1[h], n2[h], rho);
+        dec[h] = __ballot_sync(0xffffffffu, d);
+      }
+    }
+    auto batch_decided = [&](int i0) {
+      if constexpr (C::kSkip && !kLast) {
+        constexpr uint32_t kPat = C::kR == 4 ? 0x1111u : 0x11111111u;
+        return ((dec[i0 >> 3] >> (4 * (i0 & 7))) & kPat) == kPat;
+      } else {
+        (void)i0;
+        return false;
+      }
+    };
     // Codewords of kAhead batches in flight before the first one's arithmetic (1 in 8-11).
     constexpr int kVB = C::kAhead + 1 < kNB ? C::kAhead + 1 : kNB;
     V v1[kVB][C::kR], v2[kVB][C::kR];
     uint32_t win = 0;  // lanes 0-15: the code of warp row lane
     auto load = [&](int i0, V(&w1)[C::kR], V(&w2)[C::kR]) {
+      const bool only1 = batch_decided(i0);
 #pragma unroll
       for (int r = 0; r < C::kR; ++r) {
         const int i = i0 + r;
         const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
-        const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
         w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
-        w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
+        if (!only1) {
+          const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
+          w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
+        }
       }
     };
 #pragma unroll
@@ -1592,6 +1785,24 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       }
       const V(&w1)[C::kR] = v1[b % kVB];
       const V(&w2)[C::kR] = v2[b % kVB];
+      if (batch_decided(i0)) {
+        // Lane l in [i0, i0 + R): row l's code is its first candidate.
+        const uint32_t w = __shfl_sync(0xffffffffu, o1[i0 >> 3], (lane & 7) * 4) / (D * 4);
+        if (lane >= i0 && lane < i0 + C::kR) win = w;
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          const int i = i0 + r;
+          V nr = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW));
+          nr.x -= w1[r].x;
+          nr.y -= w1[r].y;
+          if constexpr (C::kVW == 4) {
+            nr.z -= w1[r].z;
+            nr.w -= w1[r].w;
+          }
+          *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
+        }
+        continue;
+      }
       V rv[C::kR];
       float s1[C::kR], s2[C::kR], sr[C::kR];
 #pragma unroll
@@ -1681,17 +1892,26 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     cbits = hi_mask;
     s_cur = acquire();
     start_chunk(acc0, s_cur);
+    if constexpr (C::kPre) {
+      if (nchunks > 1) {
+        s_pre = acquire();
+        ci_init(acc1, cibuf + s_pre * C::kBN);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) acc1[i] = 0.f;
+      }
+    }
     for (int c = 0;; c += 2) {
       if (c + 1 < nchunks) {
-        step(acc0, acc1, std::true_type{});
+        step(acc0, acc1, std::true_type{}, c + 2 < nchunks);
       } else {
-        step(acc0, acc1, std::false_type{});
+        step(acc0, acc1, std::false_type{}, false);
         break;
       }
       if (c + 2 < nchunks) {
-        step(acc1, acc0, std::true_type{});
+        step(acc1, acc0, std::true_type{}, c + 3 < nchunks);
       } else {
-        step(acc1, acc0, std::false_type{});
+        step(acc1, acc0, std::false_type{}, false);
         break;
       }
     }
@@ -1814,6 +2034,9 @@ int RvqEncodeSm90TileRows(int dim, int variant) {
          : variant == 11 ? PipeBigTma<128>::kBM
          : variant == 12 ? PingTwo<128>::kBM
          : variant == 13 ? PingThree<128>::kBM
+         : variant == 14 ? PingThreePre<128>::kBM
+         : variant == 15 ? PingThreeSkip<128>::kBM
+         : variant == 16 ? PingThreePreSkip<128>::kBM
                          : Sm90Small<128>::kBM;
 }
 
@@ -1837,6 +2060,12 @@ auto DispatchSm90(int variant, F&& f) {
       return f(static_cast<PingTwo<D>*>(nullptr));
     case 13:
       return f(static_cast<PingThree<D>*>(nullptr));
+    case 14:
+      return f(static_cast<PingThreePre<D>*>(nullptr));
+    case 15:
+      return f(static_cast<PingThreeSkip<D>*>(nullptr));
+    case 16:
+      return f(static_cast<PingThreePreSkip<D>*>(nullptr));
     default:
       return f(static_cast<Sm90Small<D>*>(nullptr));
   }

@@ -923,6 +923,342 @@ const EncCase kCases[] = {
      false,
      43,
      13},
+    {"variant14",
+     128,
+     8,
+     2,
+     77,
+     4,
+     {8, 1024},
+     {4, 64},
+     false,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     37,
+     14},
+    {"variant14_big_tiles",
+     128,
+     2,
+     1,
+     700,
+     0,
+     {5, 1024},
+     {3, 512},
+     false,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     38,
+     14},
+    {"variant14_d64_f32",
+     64,
+     2,
+     1,
+     200,
+     0,
+     {16, 64},
+     {4, 64},
+     false,
+     DType::kF32,
+     0,
+     0,
+     true,
+     true,
+     39,
+     14},
+    {"variant14_tiny_per_head",
+     64,
+     2,
+     1,
+     25,
+     0,
+     {3, 2},
+     {2, 4},
+     true,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     40,
+     14},
+    {"variant14_size4096",
+     128,
+     1,
+     1,
+     300,
+     0,
+     {2, 4096},
+     {1, 8},
+     false,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     41,
+     14},
+    {"variant14_d64_bf16",
+     64,
+     3,
+     2,
+     37,
+     4,
+     {6, 128},
+     {3, 64},
+     false,
+     DType::kBF16,
+     0,
+     0,
+     true,
+     false,
+     42,
+     14},
+    {"variant14_layer_range",
+     128,
+     2,
+     2,
+     20,
+     3,
+     {3, 256},
+     {2, 32},
+     false,
+     DType::kF16,
+     5,
+     2,
+     true,
+     false,
+     43,
+     14},
+    {"variant15",
+     128,
+     8,
+     2,
+     77,
+     4,
+     {8, 1024},
+     {4, 64},
+     false,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     37,
+     15},
+    {"variant15_big_tiles",
+     128,
+     2,
+     1,
+     700,
+     0,
+     {5, 1024},
+     {3, 512},
+     false,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     38,
+     15},
+    {"variant15_d64_f32",
+     64,
+     2,
+     1,
+     200,
+     0,
+     {16, 64},
+     {4, 64},
+     false,
+     DType::kF32,
+     0,
+     0,
+     true,
+     true,
+     39,
+     15},
+    {"variant15_tiny_per_head",
+     64,
+     2,
+     1,
+     25,
+     0,
+     {3, 2},
+     {2, 4},
+     true,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     40,
+     15},
+    {"variant15_size4096",
+     128,
+     1,
+     1,
+     300,
+     0,
+     {2, 4096},
+     {1, 8},
+     false,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     41,
+     15},
+    {"variant15_d64_bf16",
+     64,
+     3,
+     2,
+     37,
+     4,
+     {6, 128},
+     {3, 64},
+     false,
+     DType::kBF16,
+     0,
+     0,
+     true,
+     false,
+     42,
+     15},
+    {"variant15_layer_range",
+     128,
+     2,
+     2,
+     20,
+     3,
+     {3, 256},
+     {2, 32},
+     false,
+     DType::kF16,
+     5,
+     2,
+     true,
+     false,
+     43,
+     15},
+    {"variant16",
+     128,
+     8,
+     2,
+     77,
+     4,
+     {8, 1024},
+     {4, 64},
+     false,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     37,
+     16},
+    {"variant16_big_tiles",
+     128,
+     2,
+     1,
+     700,
+     0,
+     {5, 1024},
+     {3, 512},
+     false,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     38,
+     16},
+    {"variant16_d64_f32",
+     64,
+     2,
+     1,
+     200,
+     0,
+     {16, 64},
+     {4, 64},
+     false,
+     DType::kF32,
+     0,
+     0,
+     true,
+     true,
+     39,
+     16},
+    {"variant16_tiny_per_head",
+     64,
+     2,
+     1,
+     25,
+     0,
+     {3, 2},
+     {2, 4},
+     true,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     40,
+     16},
+    {"variant16_size4096",
+     128,
+     1,
+     1,
+     300,
+     0,
+     {2, 4096},
+     {1, 8},
+     false,
+     DType::kF16,
+     0,
+     0,
+     true,
+     false,
+     41,
+     16},
+    {"variant16_d64_bf16",
+     64,
+     3,
+     2,
+     37,
+     4,
+     {6, 128},
+     {3, 64},
+     false,
+     DType::kBF16,
+     0,
+     0,
+     true,
+     false,
+     42,
+     16},
+    {"variant16_layer_range",
+     128,
+     2,
+     2,
+     20,
+     3,
+     {3, 256},
+     {2, 32},
+     false,
+     DType::kF16,
+     5,
+     2,
+     true,
+     false,
+     43,
+     16},
     {"fitted_deep_d128",
      128,
      2,
@@ -994,6 +1330,102 @@ TEST(RvqEncodeBatch, MixedBlocksMatchSingleBlockEncodes) {
     at += n;
   }
   EXPECT_EQ(at, total);
+}
+
+// Variants 14-16 change only when loads are issued (14) and skip the exact rescore where the
+// tensor-core scores provably decide between a row's two candidates (15, 16): their codes must be
+// those of variant 13, bit for bit, on random, fitted and tie-laden codebooks (the ties: every
+// fourth codeword of each table duplicated, so that many rows' two best scores are equal).
+TEST(RvqEncodeVariants, SameCodesAsVariant13) {
+  VQKV_REQUIRE_GPU();
+  if (RvqEncodeResolvedVariant(128, 15) != 15) GTEST_SKIP() << "no sm_90a wgmma path";
+  struct V {
+    const char* name;
+    int dim, heads, layers, tokens;
+    StageConfig k, v;
+    DType dtype;
+    int codebook;  // 0 random, 1 fitted, 2 random with duplicated codewords
+    uint32_t seed;
+  };
+  const std::vector<V> cases = {
+      {"random_d128", 128, 8, 2, 700, {8, 1024}, {4, 512}, DType::kF16, 0, 61},
+      {"fitted_d128", 128, 4, 2, 400, {16, 256}, {6, 128}, DType::kF16, 1, 62},
+      {"ties_d128", 128, 4, 2, 300, {6, 256}, {3, 64}, DType::kF32, 2, 63},
+      {"random_d64_bf16", 64, 4, 3, 257, {6, 128}, {3, 64}, DType::kBF16, 0, 64},
+      {"ties_d64", 64, 2, 2, 190, {5, 64}, {2, 256}, DType::kF16, 2, 65},
+  };
+  for (const V& tc : cases) {
+    SCOPED_TRACE(tc.name);
+    const RvqConfig cfg = RvqConfig::Uniform(tc.layers, tc.heads, tc.dim, tc.k, tc.v, false);
+    std::shared_ptr<const Codebook> cb;
+    const KvShape s{tc.layers, tc.tokens, tc.heads, tc.dim};
+    if (tc.codebook == 1) {
+      const KvShape fs{tc.layers, 512, tc.heads, tc.dim};
+      const std::vector<float> fx = testing_data::RandomKv(fs, tc.seed + 100);
+      FitOptions fo;
+      fo.iterations = 4;
+      auto fit = FitCodebook(cfg, testing_data::SamplesFrom(fs, fx), fo);
+      ASSERT_TRUE(fit.ok()) << fit.status();
+      cb = std::make_shared<Codebook>(*std::move(fit));
+    } else {
+      Codebook r = RandomCodebook(cfg, tc.seed);
+      if (tc.codebook == 2) {
+        std::vector<std::vector<float>> tables;
+        for (int l = 0; l < cfg.layers; ++l) {
+          for (int c = 0; c < 2; ++c) {
+            const StageConfig& sc = cfg.at(l, c);
+            std::vector<float> t(size_t(sc.stages) * sc.size * tc.dim);
+            for (int st = 0; st < sc.stages; ++st) {
+              const float* src = r.Table(l, c, 0, st);
+              float* dst = t.data() + size_t(st) * sc.size * tc.dim;
+              std::copy(src, src + size_t(sc.size) * tc.dim, dst);
+              for (int j = 1; j < sc.size; j += 4) {
+                std::copy(dst + size_t(j - 1) * tc.dim, dst + size_t(j) * tc.dim,
+                          dst + size_t(j) * tc.dim);
+              }
+            }
+            tables.push_back(std::move(t));
+          }
+        }
+        auto made = Codebook::Create(cfg, std::move(tables));
+        ASSERT_TRUE(made.ok()) << made.status();
+        cb = std::make_shared<Codebook>(*std::move(made));
+      } else {
+        cb = std::make_shared<Codebook>(std::move(r));
+      }
+    }
+    auto dcb = DeviceCodebook::Create(cb);
+    ASSERT_TRUE(dcb.ok()) << dcb.status();
+    const Data data = MakeData(s, tc.dtype, tc.seed + 7);
+    const size_t in_bytes = size_t(s.elements()) * DTypeSize(tc.dtype);
+    GuardedBuffer din(in_bytes);
+    din.Upload(data.ptr(tc.dtype), in_bytes);
+    const DeviceKvBlock blk{s, tc.dtype, din.get(), 0, 0};
+    const int64_t n = int64_t(s.tokens) * RvqCodesPerToken(cfg, 0, s.layers);
+    auto encode = [&](int variant) {
+      GuardedBuffer dc(size_t(n) * 2);
+      GpuRvqOptions o;
+      o.encode_variant = variant;
+      EXPECT_TRUE(RvqEncodeCodes(**dcb, {&blk, 1}, dc.as<uint16_t>(), nullptr, o).ok());
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(dc.GuardDamage(), 0u);
+      return dc.Download<uint16_t>();
+    };
+    const std::vector<uint16_t> ref = encode(13);
+    for (int variant : {14, 15, 16}) {
+      ASSERT_EQ(RvqEncodeResolvedVariant(tc.dim, variant), variant);
+      const std::vector<uint16_t> got = encode(variant);
+      int64_t diff = 0, first = -1;
+      for (int64_t i = 0; i < n; ++i) {
+        if (got[i] != ref[i]) {
+          if (first < 0) first = i;
+          ++diff;
+        }
+      }
+      EXPECT_EQ(diff, 0) << "variant " << variant << ": " << diff << " of " << n
+                         << " codes differ from variant 13, first at " << first;
+    }
+  }
 }
 
 TEST(RvqEncodeErrors, RejectsBadInput) {
