@@ -580,12 +580,12 @@ constexpr int kSm90Default = 13;
 // (a wgmma configuration on sm_90, else the mma.sync default); unsupported variants fall back
 // to 0.
 int ResolveVariant(int dim, int variant) {
-  if (variant >= 5 && variant <= 16) {
+  if (variant >= 5 && variant <= 18) {
     if (Sm90Usable(dim)) return variant;
     variant = 0;
   }
   if (variant >= 1 && variant <= 3 && dim != 128) variant = 0;
-  if (variant < 0 || variant > 16) variant = 0;
+  if (variant < 0 || variant > 18) variant = 0;
   if (variant == 0) return Sm90Usable(dim) ? kSm90Default : 4;
   return variant;
 }
@@ -600,7 +600,7 @@ bool RvqEncodeVariantSupported(int dim, int variant) {
   if (!RvqEncodeHasTensorCorePath(dim)) return false;
   if (variant == 0 || variant == 4) return true;
   if (variant >= 1 && variant <= 3) return dim == 128;
-  if (variant >= 5 && variant <= 16) return Sm90Usable(dim);
+  if (variant >= 5 && variant <= 18) return Sm90Usable(dim);
   return false;
 }
 
@@ -631,6 +631,8 @@ int RvqEncodeTileRows(int dim, int variant) {
     case 14:
     case 15:
     case 16:
+    case 17:
+    case 18:
       return RvqEncodeSm90TileRows(dim, v);
 #endif
     default:
@@ -693,6 +695,8 @@ cudaError_t LaunchRvqEncode(const RvqEncodeParams& p, cudaStream_t stream) {
     case 14:
     case 15:
     case 16:
+    case 17:
+    case 18:
       return LaunchRvqEncodeSm90(p, ResolveVariant(p.dim, p.variant), stream);
 #endif
     default:

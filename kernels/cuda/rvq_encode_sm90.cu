@@ -1395,13 +1395,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 // added in the epilogue instead of loaded into the accumulators (-3.8%: the FADDs cost more issue
 // slots than the load wait they remove; 2026-12-06).
 template <int D_, int WGS_, int NBUF_, int AHEAD_, int CREGS_ = 0, int PREGS_ = 0,
-          bool PRE_ = false, bool SKIP_ = false>
+          bool PRE_ = false, int SKIP_ = 0>
 struct PingCfg {
   static constexpr int kD = D_;
-  // SKIP_: at a stage's end, row batches whose tensor-core scores already decide between their
+  // SKIP_ 1: at a stage's end, row batches whose tensor-core scores already decide between their
   // two candidates (ScoresDecide; identical codes) skip the exact rescore: one codeword load per
-  // row and the residual update.
-  static constexpr bool kSkip = SKIP_;
+  // row and the residual update. 2: the same per row, the undecided rows gathered into batches.
+  static constexpr int kSkip = SKIP_;
   // PRE_: chunk c + 2's score offsets are loaded into the accumulator set that chunk c's
   // reduce frees, during that reduce, so that chunk c + 2's MMAs issue without waiting on them.
   static constexpr bool kPre = PRE_;
@@ -1461,9 +1461,14 @@ using PingThreePre = PingCfg<D, 3, (D == 128 ? 8 : 16), 2, 160, 24, true>;
 // Variant 15: 13 with the rescore skipped where the scores decide (kSkip; the codeword loads one
 // batch ahead, two spill); 16: 14 with it.
 template <int D>
-using PingThreeSkip = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, false, true>;
+using PingThreeSkip = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, false, 1>;
 template <int D>
-using PingThreePreSkip = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, true, true>;
+using PingThreePreSkip = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, true, 1>;
+// Variant 17: 14 with the per-row skip (kSkip 2); 18: 13 with it.
+template <int D>
+using PingThreePreRows = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, true, 2>;
+template <int D>
+using PingThreeRows = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, false, 2>;
 
 __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
@@ -1758,6 +1763,129 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         return false;
       }
     };
+    if constexpr (C::kSkip == 2 && !kLast) {
+      // Compacted: every decided row takes c1 (one codeword load, the residual update); the
+      // undecided rows, gathered R at a time, get the exact rescore. Each row's sums are those of
+      // the batches above (the same FMA chains and reduction tree, whichever slot it takes).
+      const int lrow = lane & 15;
+      const uint32_t und = __ballot_sync(
+          0xffffffffu, lane < 16 && ((dec[lrow >> 3] >> (4 * (lrow & 7))) & 1u) == 0u);
+      uint32_t win;  // lanes 0-15: the code of warp row lane
+      {
+        const uint32_t w0 = __shfl_sync(0xffffffffu, o1[0], (lane & 7) * 4);
+        const uint32_t w1 = __shfl_sync(0xffffffffu, o1[1], (lane & 7) * 4);
+        win = ((lane & 8) ? w1 : w0) / (D * 4);
+      }
+      V f1[2][C::kR];
+      auto load1 = [&](int i0, V(&w)[C::kR]) {
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          const int i = i0 + r;
+          if (((und >> i) & 1u) == 0u) {
+            const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
+            w[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
+          }
+        }
+      };
+      load1(0, f1[0]);
+#pragma unroll
+      for (int b = 0; b < kNB; ++b) {
+        if (b + 1 < kNB) load1((b + 1) * C::kR, f1[(b + 1) & 1]);
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          const int i = b * C::kR + r;
+          if (((und >> i) & 1u) == 0u) {
+            const V c = f1[b & 1][r];
+            V nr = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW));
+            nr.x -= c.x;
+            nr.y -= c.y;
+            if constexpr (C::kVW == 4) {
+              nr.z -= c.z;
+              nr.w -= c.w;
+            }
+            *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
+          }
+        }
+      }
+      for (uint32_t left = und; left != 0u;) {
+        int rows[C::kR];
+        bool live[C::kR];
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          live[r] = left != 0u;
+          rows[r] = live[r] ? __ffs(left) - 1 : rows[0];
+          left &= left - 1u;
+        }
+        V w1[C::kR], w2[C::kR], rv[C::kR];
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          const int i = rows[r];
+          const int src = (i & 7) * 4;
+          const uint32_t a1 = __shfl_sync(0xffffffffu, (i & 8) ? o1[1] : o1[0], src);
+          const uint32_t a2 = __shfl_sync(0xffffffffu, (i & 8) ? o2[1] : o2[0], src);
+          w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
+          w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
+        }
+        float s1[C::kR], s2[C::kR];
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          rv[r] = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + rows[r], lane * C::kVW));
+          s1[r] = fmaf(rv[r].x, w1[r].x, 0.f);
+          s1[r] = fmaf(rv[r].y, w1[r].y, s1[r]);
+          s2[r] = fmaf(rv[r].x, w2[r].x, 0.f);
+          s2[r] = fmaf(rv[r].y, w2[r].y, s2[r]);
+          if constexpr (C::kVW == 4) {
+            s1[r] = fmaf(rv[r].z, w1[r].z, s1[r]);
+            s1[r] = fmaf(rv[r].w, w1[r].w, s1[r]);
+            s2[r] = fmaf(rv[r].z, w2[r].z, s2[r]);
+            s2[r] = fmaf(rv[r].w, w2[r].w, s2[r]);
+          }
+        }
+        const float p1 = ReduceScatter<C::kR>(s1, lane);
+        const float p2 = ReduceScatter<C::kR>(s2, lane);
+        int mi = rows[0];  // this lane's batch row (warp row)
+#pragma unroll
+        for (int r = 1; r < C::kR; ++r) {
+          if (myrow == r) mi = rows[r];
+        }
+        const int src = (mi & 7) * 4;
+        const bool hi = (mi & 8) != 0;
+        const uint32_t mo1a = __shfl_sync(0xffffffffu, o1[0], src);
+        const uint32_t mo1b = __shfl_sync(0xffffffffu, o1[1], src);
+        const uint32_t mo2a = __shfl_sync(0xffffffffu, o2[0], src);
+        const uint32_t mo2b = __shfl_sync(0xffffffffu, o2[1], src);
+        const float nn1a = __shfl_sync(0xffffffffu, n1[0], src);
+        const float nn1b = __shfl_sync(0xffffffffu, n1[1], src);
+        const float nn2a = __shfl_sync(0xffffffffu, n2[0], src);
+        const float nn2b = __shfl_sync(0xffffffffu, n2[1], src);
+        const uint32_t mo1 = hi ? mo1b : mo1a;
+        const uint32_t mo2 = hi ? mo2b : mo2a;
+        const float d1 = (hi ? nn1b : nn1a) - 2.f * p1;
+        const float d2 = (hi ? nn2b : nn2a) - 2.f * p2;
+        const bool take2 = mo2 != mo1 && (d2 < d1 || (d2 == d1 && mo2 < mo1));
+        const uint32_t take2_mask = __ballot_sync(0xffffffffu, take2);
+        const uint32_t mwin = (take2 ? mo2 : mo1) / (D * 4);
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          const uint32_t w = __shfl_sync(0xffffffffu, mwin, r << kShift);
+          if (live[r] && lane == rows[r]) win = w;
+          if (live[r]) {
+            const bool t2 = (take2_mask >> (r << kShift)) & 1u;
+            const V c = t2 ? w2[r] : w1[r];
+            V nr = rv[r];
+            nr.x -= c.x;
+            nr.y -= c.y;
+            if constexpr (C::kVW == 4) {
+              nr.z -= c.z;
+              nr.w -= c.w;
+            }
+            *reinterpret_cast<V*>(res + ResIdx<D>(wrow + rows[r], lane * C::kVW)) = nr;
+          }
+        }
+      }
+      if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
+      return;
+    }
     // Codewords of kAhead batches in flight before the first one's arithmetic (1 in 8-11).
     constexpr int kVB = C::kAhead + 1 < kNB ? C::kAhead + 1 : kNB;
     V v1[kVB][C::kR], v2[kVB][C::kR];
@@ -2037,6 +2165,8 @@ int RvqEncodeSm90TileRows(int dim, int variant) {
          : variant == 14 ? PingThreePre<128>::kBM
          : variant == 15 ? PingThreeSkip<128>::kBM
          : variant == 16 ? PingThreePreSkip<128>::kBM
+         : variant == 17 ? PingThreePreRows<128>::kBM
+         : variant == 18 ? PingThreeRows<128>::kBM
                          : Sm90Small<128>::kBM;
 }
 
@@ -2066,6 +2196,10 @@ auto DispatchSm90(int variant, F&& f) {
       return f(static_cast<PingThreeSkip<D>*>(nullptr));
     case 16:
       return f(static_cast<PingThreePreSkip<D>*>(nullptr));
+    case 17:
+      return f(static_cast<PingThreePreRows<D>*>(nullptr));
+    case 18:
+      return f(static_cast<PingThreeRows<D>*>(nullptr));
     default:
       return f(static_cast<Sm90Small<D>*>(nullptr));
   }
