@@ -1776,15 +1776,15 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         const uint32_t w1 = __shfl_sync(0xffffffffu, o1[1], (lane & 7) * 4);
         win = ((lane & 8) ? w1 : w0) / (D * 4);
       }
+      // Every row's first candidate, whether decided or not: loads that do not wait for the
+      // decision (its norms are loads themselves).
       V f1[2][C::kR];
       auto load1 = [&](int i0, V(&w)[C::kR]) {
 #pragma unroll
         for (int r = 0; r < C::kR; ++r) {
           const int i = i0 + r;
-          if (((und >> i) & 1u) == 0u) {
-            const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
-            w[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
-          }
+          const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
+          w[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
         }
       };
       load1(0, f1[0]);
