@@ -1891,16 +1891,32 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     V v1[kVB][C::kR], v2[kVB][C::kR];
     uint32_t win = 0;  // lanes 0-15: the code of warp row lane
     auto load = [&](int i0, V(&w1)[C::kR], V(&w2)[C::kR]) {
-      const bool only1 = batch_decided(i0);
+      if constexpr (C::kSkip && !kLast) {
+        // The first candidates before anything that waits for the decision (whose norms are
+        // loads themselves).
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          const int i = i0 + r;
+          const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
+          w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
+        }
+        if (!batch_decided(i0)) {
+#pragma unroll
+          for (int r = 0; r < C::kR; ++r) {
+            const int i = i0 + r;
+            const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
+            w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
+          }
+        }
+        return;
+      }
 #pragma unroll
       for (int r = 0; r < C::kR; ++r) {
         const int i = i0 + r;
         const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
+        const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
         w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
-        if (!only1) {
-          const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
-          w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
-        }
+        w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
       }
     };
 #pragma unroll
