@@ -72,8 +72,8 @@ struct RvqEncodeParams {
   int32_t* error_flag = nullptr;  // set to 1 when an input value is NaN or Inf
   int32_t variant = 0;            // tile configuration (RvqEncodeVariantSupported)
   // Optional: when every table's cb16 lies at a whole number of rows of `dim` fp16 values from
-  // cb16_base, within cb16_rows rows, variants 10-13 load the chunks with the tensor memory
-  // accelerator through one tensor map over that range (else 10/11 run 8/9, and 12/13 the
+  // cb16_base, within cb16_rows rows, variants 10-18 load the chunks with the tensor memory
+  // accelerator through one tensor map over that range (else 10/11 run 8/9, and 12-18 the
   // cp.async kernel of 8 on their own tiles).
   const uint16_t* cb16_base = nullptr;
   int64_t cb16_rows = 0;
@@ -97,6 +97,10 @@ struct RvqEncodeParams {
 //      warpgroup that hands registers to the consumers with setmaxnreg), staggered so that one
 //      warpgroup's stage end overlaps the others' MMAs; needs cb16_base / cb16_rows, else runs
 //      the cp.async kernel of 8 on the same tiles
+//   14  as 13 with each chunk's score offsets loaded during the reduce two chunks before
+//   15, 16  as 13, 14 where a stage end skips the exact rescore of row batches whose tensor-core
+//      scores provably decide between the two candidates (identical codes; data-dependent)
+//   17, 18  as 16, 15 with that skip per row (the undecided rows gathered into batches)
 // Unsupported variants fall back to 0 everywhere. RvqEncodeTileRows gives the rows per tile of
 // the configuration that runs (for head dims without a tensor-core kernel, the exact kernel's
 // tile size); it and LaunchRvqEncode resolve `variant` the same way for the current device.
