@@ -1768,8 +1768,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       // undecided rows, gathered R at a time, get the exact rescore. Each row's sums are those of
       // the batches above (the same FMA chains and reduction tree, whichever slot it takes).
       const int lrow = lane & 15;
-      const uint32_t und = __ballot_sync(
-          0xffffffffu, lane < 16 && ((dec[lrow >> 3] >> (4 * (lrow & 7))) & 1u) == 0u);
+      const uint32_t ldec = (lrow & 8) ? dec[1] : dec[0];
+      const uint32_t und =
+          __ballot_sync(0xffffffffu, lane < 16 && ((ldec >> (4 * (lrow & 7))) & 1u) == 0u);
       uint32_t win;  // lanes 0-15: the code of warp row lane
       {
         const uint32_t w0 = __shfl_sync(0xffffffffu, o1[0], (lane & 7) * 4);
@@ -1810,8 +1811,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       for (uint32_t left = und; left != 0u;) {
         int rows[C::kR];
         bool live[C::kR];
+        live[0] = true;
+        rows[0] = __ffs(left) - 1;
+        left &= left - 1u;
 #pragma unroll
-        for (int r = 0; r < C::kR; ++r) {
+        for (int r = 1; r < C::kR; ++r) {
           live[r] = left != 0u;
           rows[r] = live[r] ? __ffs(left) - 1 : rows[0];
           left &= left - 1u;
