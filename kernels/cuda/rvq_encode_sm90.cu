@@ -863,30 +863,32 @@ __device__ __forceinline__ void InitFromOffsets(float (&acc)[32], uint32_t a0) {
 // the running maxima m with the chunk's index bits cbits (hi_mask: the index bits above 6).
 // kLop (variants 12/13, whose cbits are counted down): that merge as one explicit LOP3 each;
 // variants 8-11 keep the C++ form (and their SASS).
-template <bool kLop = false>
-__device__ __forceinline__ void ChunkMax(float (&m)[4], const float (&acc)[32], uint32_t qbits,
-                                         uint32_t cbits, uint32_t hi_mask) {
-  float mc[4];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const uint32_t ce = 0x06u | (static_cast<uint32_t>(7 - j) << 3) | 1u;  // even column
-    const uint32_t co = 0x06u | (static_cast<uint32_t>(7 - j) << 3);       // odd column
-    const float k0 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 0]), qbits, ce));
-    const float k1 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 1]), qbits, co));
-    const float k2 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 2]), qbits, ce));
-    const float k3 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 3]), qbits, co));
-    if (j == 0) {
-      mc[0] = k0;
-      mc[1] = k1;
-      mc[2] = k2;
-      mc[3] = k3;
-    } else {
-      mc[0] = fmaxf(mc[0], k0);
-      mc[1] = fmaxf(mc[1], k1);
-      mc[2] = fmaxf(mc[2], k2);
-      mc[3] = fmaxf(mc[3], k3);
-    }
+// Column group j (accumulators 4j .. 4j + 3) of ChunkMax: index bits in, into the chunk maxima mc.
+__device__ __forceinline__ void ChunkMaxGroup(float (&mc)[4], const float (&acc)[32], int j,
+                                              uint32_t qbits) {
+  const uint32_t ce = 0x06u | (static_cast<uint32_t>(7 - j) << 3) | 1u;  // even column
+  const uint32_t co = 0x06u | (static_cast<uint32_t>(7 - j) << 3);       // odd column
+  const float k0 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 0]), qbits, ce));
+  const float k1 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 1]), qbits, co));
+  const float k2 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 2]), qbits, ce));
+  const float k3 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 3]), qbits, co));
+  if (j == 0) {
+    mc[0] = k0;
+    mc[1] = k1;
+    mc[2] = k2;
+    mc[3] = k3;
+  } else {
+    mc[0] = fmaxf(mc[0], k0);
+    mc[1] = fmaxf(mc[1], k1);
+    mc[2] = fmaxf(mc[2], k2);
+    mc[3] = fmaxf(mc[3], k3);
   }
+}
+
+// The chunk maxima mc with the chunk's index bits cbits into the running maxima m.
+template <bool kLop>
+__device__ __forceinline__ void MergeChunkMax(float (&m)[4], const float (&mc)[4], uint32_t cbits,
+                                              uint32_t hi_mask) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     if constexpr (kLop) {
@@ -902,6 +904,20 @@ __device__ __forceinline__ void ChunkMax(float (&m)[4], const float (&acc)[32], 
   }
 }
 
+// Epilogue of a chunk: the 6-bit in-chunk index (reversed) into each score with one LOP3 (qbits:
+// see the kernels), the chunk's maxima per [row g | g + 8] x [even | odd column], merged into
+// the running maxima m with the chunk's index bits cbits (hi_mask: the index bits above 6).
+// kLop (variants 12/13, whose cbits are counted down): that merge as one explicit LOP3 each;
+// variants 8-11 keep the C++ form (and their SASS).
+template <bool kLop = false>
+__device__ __forceinline__ void ChunkMax(float (&m)[4], const float (&acc)[32], uint32_t qbits,
+                                         uint32_t cbits, uint32_t hi_mask) {
+  float mc[4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) ChunkMaxGroup(mc, acc, j, qbits);
+  MergeChunkMax<kLop>(m, mc, cbits, hi_mask);
+}
+
 // ChunkMax<true> of acc fused with loading the score offsets of a later chunk into acc (shared
 // address a0 as in InitFromOffsets): each half's loads go into the registers whose scores the
 // half above consumed, ordered after them by a false dependency on the half's maxima (zmask: a
@@ -914,25 +930,7 @@ __device__ __forceinline__ void ChunkMaxInit(float (&m)[4], float (&acc)[32], ui
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
 #pragma unroll
-    for (int j = 4 * half; j < 4 * half + 4; ++j) {
-      const uint32_t ce = 0x06u | (static_cast<uint32_t>(7 - j) << 3) | 1u;
-      const uint32_t co = 0x06u | (static_cast<uint32_t>(7 - j) << 3);
-      const float k0 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 0]), qbits, ce));
-      const float k1 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 1]), qbits, co));
-      const float k2 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 2]), qbits, ce));
-      const float k3 = __uint_as_float(Lop98(__float_as_uint(acc[4 * j + 3]), qbits, co));
-      if (j == 0) {
-        mc[0] = k0;
-        mc[1] = k1;
-        mc[2] = k2;
-        mc[3] = k3;
-      } else {
-        mc[0] = fmaxf(mc[0], k0);
-        mc[1] = fmaxf(mc[1], k1);
-        mc[2] = fmaxf(mc[2], k2);
-        mc[3] = fmaxf(mc[3], k3);
-      }
-    }
+    for (int j = 4 * half; j < 4 * half + 4; ++j) ChunkMaxGroup(mc, acc, j, qbits);
     const uint32_t dep = (__float_as_uint(mc[0]) | __float_as_uint(mc[3])) & zmask;
     const uint32_t ah = a0 + dep;
 #pragma unroll
@@ -945,14 +943,7 @@ __device__ __forceinline__ void ChunkMaxInit(float (&m)[4], float (&acc)[32], ui
       }
     }
   }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t v;
-    asm("lop3.b32 %0, %1, %2, %3, 0xBA;\n"
-        : "=r"(v)
-        : "r"(__float_as_uint(mc[i])), "r"(hi_mask), "r"(cbits));
-    m[i] = fmaxf(m[i], __uint_as_float(v));
-  }
+  MergeChunkMax<true>(m, mc, cbits, hi_mask);
 }
 
 template <class C>
@@ -1888,149 +1879,149 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         }
       }
       if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
-      return;
-    }
-    // Codewords of kAhead batches in flight before the first one's arithmetic (1 in 8-11).
-    constexpr int kVB = C::kAhead + 1 < kNB ? C::kAhead + 1 : kNB;
-    V v1[kVB][C::kR], v2[kVB][C::kR];
-    uint32_t win = 0;  // lanes 0-15: the code of warp row lane
-    auto load = [&](int i0, V(&w1)[C::kR], V(&w2)[C::kR]) {
-      if constexpr (C::kSkip && !kLast) {
-        // The first candidates before anything that waits for the decision (whose norms are
-        // loads themselves).
-#pragma unroll
-        for (int r = 0; r < C::kR; ++r) {
-          const int i = i0 + r;
-          const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
-          w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
-        }
-        if (!batch_decided(i0)) {
+    } else {
+      // Codewords of kAhead batches in flight before the first one's arithmetic (1 in 8-11).
+      constexpr int kVB = C::kAhead + 1 < kNB ? C::kAhead + 1 : kNB;
+      V v1[kVB][C::kR], v2[kVB][C::kR];
+      uint32_t win = 0;  // lanes 0-15: the code of warp row lane
+      auto load = [&](int i0, V(&w1)[C::kR], V(&w2)[C::kR]) {
+        if constexpr (C::kSkip && !kLast) {
+          // The first candidates before anything that waits for the decision (whose norms are
+          // loads themselves).
 #pragma unroll
           for (int r = 0; r < C::kR; ++r) {
             const int i = i0 + r;
+            const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
+            w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
+          }
+          if (!batch_decided(i0)) {
+#pragma unroll
+            for (int r = 0; r < C::kR; ++r) {
+              const int i = i0 + r;
+              const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
+              w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
+            }
+          }
+        } else {
+#pragma unroll
+          for (int r = 0; r < C::kR; ++r) {
+            const int i = i0 + r;
+            const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
             const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
+            w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
             w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
           }
         }
-        return;
-      }
+      };
 #pragma unroll
-      for (int r = 0; r < C::kR; ++r) {
-        const int i = i0 + r;
-        const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
-        const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
-        w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
-        w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
-      }
-    };
+      for (int b = 0; b < C::kAhead && b < kNB; ++b) load(b * C::kR, v1[b % kVB], v2[b % kVB]);
 #pragma unroll
-    for (int b = 0; b < C::kAhead && b < kNB; ++b) load(b * C::kR, v1[b % kVB], v2[b % kVB]);
+      for (int b = 0; b < kNB; ++b) {
+        const int i0 = b * C::kR;
+        if (b + C::kAhead < kNB) {
+          load((b + C::kAhead) * C::kR, v1[(b + C::kAhead) % kVB], v2[(b + C::kAhead) % kVB]);
+        }
+        const V(&w1)[C::kR] = v1[b % kVB];
+        const V(&w2)[C::kR] = v2[b % kVB];
+        if (batch_decided(i0)) {
+          // Lane l in [i0, i0 + R): row l's code is its first candidate.
+          const uint32_t w = __shfl_sync(0xffffffffu, o1[i0 >> 3], (lane & 7) * 4) / (D * 4);
+          if (lane >= i0 && lane < i0 + C::kR) win = w;
 #pragma unroll
-    for (int b = 0; b < kNB; ++b) {
-      const int i0 = b * C::kR;
-      if (b + C::kAhead < kNB) {
-        load((b + C::kAhead) * C::kR, v1[(b + C::kAhead) % kVB], v2[(b + C::kAhead) % kVB]);
-      }
-      const V(&w1)[C::kR] = v1[b % kVB];
-      const V(&w2)[C::kR] = v2[b % kVB];
-      if (batch_decided(i0)) {
-        // Lane l in [i0, i0 + R): row l's code is its first candidate.
-        const uint32_t w = __shfl_sync(0xffffffffu, o1[i0 >> 3], (lane & 7) * 4) / (D * 4);
+          for (int r = 0; r < C::kR; ++r) {
+            const int i = i0 + r;
+            V nr = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW));
+            nr.x -= w1[r].x;
+            nr.y -= w1[r].y;
+            if constexpr (C::kVW == 4) {
+              nr.z -= w1[r].z;
+              nr.w -= w1[r].w;
+            }
+            *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
+          }
+          continue;
+        }
+        V rv[C::kR];
+        float s1[C::kR], s2[C::kR], sr[C::kR];
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          rv[r] = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i0 + r, lane * C::kVW));
+          // Same operation order as variants 5-7 (fma from +0, then the reduce-scatter tree).
+          s1[r] = fmaf(rv[r].x, w1[r].x, 0.f);
+          s1[r] = fmaf(rv[r].y, w1[r].y, s1[r]);
+          s2[r] = fmaf(rv[r].x, w2[r].x, 0.f);
+          s2[r] = fmaf(rv[r].y, w2[r].y, s2[r]);
+          if constexpr (kLast) {
+            sr[r] = fmaf(rv[r].x, rv[r].x, 0.f);
+            sr[r] = fmaf(rv[r].y, rv[r].y, sr[r]);
+          }
+          if constexpr (C::kVW == 4) {
+            s1[r] = fmaf(rv[r].z, w1[r].z, s1[r]);
+            s1[r] = fmaf(rv[r].w, w1[r].w, s1[r]);
+            s2[r] = fmaf(rv[r].z, w2[r].z, s2[r]);
+            s2[r] = fmaf(rv[r].w, w2[r].w, s2[r]);
+            if constexpr (kLast) {
+              sr[r] = fmaf(rv[r].z, rv[r].z, sr[r]);
+              sr[r] = fmaf(rv[r].w, rv[r].w, sr[r]);
+            }
+          }
+        }
+        const float p1 = ReduceScatter<C::kR>(s1, lane);
+        const float p2 = ReduceScatter<C::kR>(s2, lane);
+        const int mi = i0 + myrow;  // this lane's batch row (warp row)
+        const int src = (mi & 7) * 4;
+        const uint32_t mo1 = __shfl_sync(0xffffffffu, o1[i0 >> 3], src);
+        const uint32_t mo2 = __shfl_sync(0xffffffffu, o2[i0 >> 3], src);
+        const float nn1 = __shfl_sync(0xffffffffu, n1[i0 >> 3], src);
+        const float nn2 = __shfl_sync(0xffffffffu, n2[i0 >> 3], src);
+        const float d1 = nn1 - 2.f * p1;
+        const float d2 = nn2 - 2.f * p2;
+        // Byte offsets order as indices: ties to the lower index.
+        const bool take2 = mo2 != mo1 && (d2 < d1 || (d2 == d1 && mo2 < mo1));
+        const uint32_t take2_mask = __ballot_sync(0xffffffffu, take2);
+        const uint32_t mwin = (take2 ? mo2 : mo1) / (D * 4);
+        // Lane l (l in [i0, i0 + R)) takes row l's code from that row's leader lane.
+        const uint32_t w = __shfl_sync(0xffffffffu, mwin, ((lane - i0) & (C::kR - 1)) << kShift);
         if (lane >= i0 && lane < i0 + C::kR) win = w;
+        if constexpr (kLast) {
+          const float pr = ReduceScatter<C::kR>(sr, lane);
+          const int seg = __shfl_sync(0xffffffffu, my_seg, mi);
+          const int srow = __shfl_sync(0xffffffffu, my_r, mi);
+          const bool leader = (lane & ((1 << kShift) - 1)) == 0;
+          if (leader && wrow + mi < tile.rows && p.dist_out != nullptr) {
+            const RvqSegment& sg = p.segments[seg];
+            if (sg.aux_offset >= 0) {
+              p.dist_out[sg.aux_offset + srow] = fmaxf(0.f, (take2 ? d2 : d1) + pr);
+            }
+          }
+        }
 #pragma unroll
         for (int r = 0; r < C::kR; ++r) {
           const int i = i0 + r;
-          V nr = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW));
-          nr.x -= w1[r].x;
-          nr.y -= w1[r].y;
+          const bool t2 = (take2_mask >> (r << kShift)) & 1u;
+          const V c = t2 ? w2[r] : w1[r];
+          V nr = rv[r];
+          nr.x -= c.x;
+          nr.y -= c.y;
           if constexpr (C::kVW == 4) {
-            nr.z -= w1[r].z;
-            nr.w -= w1[r].w;
+            nr.z -= c.z;
+            nr.w -= c.w;
           }
           *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
-        }
-        continue;
-      }
-      V rv[C::kR];
-      float s1[C::kR], s2[C::kR], sr[C::kR];
-#pragma unroll
-      for (int r = 0; r < C::kR; ++r) {
-        rv[r] = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i0 + r, lane * C::kVW));
-        // Same operation order as variants 5-7 (fma from +0, then the reduce-scatter tree).
-        s1[r] = fmaf(rv[r].x, w1[r].x, 0.f);
-        s1[r] = fmaf(rv[r].y, w1[r].y, s1[r]);
-        s2[r] = fmaf(rv[r].x, w2[r].x, 0.f);
-        s2[r] = fmaf(rv[r].y, w2[r].y, s2[r]);
-        if constexpr (kLast) {
-          sr[r] = fmaf(rv[r].x, rv[r].x, 0.f);
-          sr[r] = fmaf(rv[r].y, rv[r].y, sr[r]);
-        }
-        if constexpr (C::kVW == 4) {
-          s1[r] = fmaf(rv[r].z, w1[r].z, s1[r]);
-          s1[r] = fmaf(rv[r].w, w1[r].w, s1[r]);
-          s2[r] = fmaf(rv[r].z, w2[r].z, s2[r]);
-          s2[r] = fmaf(rv[r].w, w2[r].w, s2[r]);
           if constexpr (kLast) {
-            sr[r] = fmaf(rv[r].z, rv[r].z, sr[r]);
-            sr[r] = fmaf(rv[r].w, rv[r].w, sr[r]);
-          }
-        }
-      }
-      const float p1 = ReduceScatter<C::kR>(s1, lane);
-      const float p2 = ReduceScatter<C::kR>(s2, lane);
-      const int mi = i0 + myrow;  // this lane's batch row (warp row)
-      const int src = (mi & 7) * 4;
-      const uint32_t mo1 = __shfl_sync(0xffffffffu, o1[i0 >> 3], src);
-      const uint32_t mo2 = __shfl_sync(0xffffffffu, o2[i0 >> 3], src);
-      const float nn1 = __shfl_sync(0xffffffffu, n1[i0 >> 3], src);
-      const float nn2 = __shfl_sync(0xffffffffu, n2[i0 >> 3], src);
-      const float d1 = nn1 - 2.f * p1;
-      const float d2 = nn2 - 2.f * p2;
-      // Byte offsets order as indices: ties to the lower index.
-      const bool take2 = mo2 != mo1 && (d2 < d1 || (d2 == d1 && mo2 < mo1));
-      const uint32_t take2_mask = __ballot_sync(0xffffffffu, take2);
-      const uint32_t mwin = (take2 ? mo2 : mo1) / (D * 4);
-      // Lane l (l in [i0, i0 + R)) takes row l's code from that row's leader lane.
-      const uint32_t w = __shfl_sync(0xffffffffu, mwin, ((lane - i0) & (C::kR - 1)) << kShift);
-      if (lane >= i0 && lane < i0 + C::kR) win = w;
-      if constexpr (kLast) {
-        const float pr = ReduceScatter<C::kR>(sr, lane);
-        const int seg = __shfl_sync(0xffffffffu, my_seg, mi);
-        const int srow = __shfl_sync(0xffffffffu, my_r, mi);
-        const bool leader = (lane & ((1 << kShift) - 1)) == 0;
-        if (leader && wrow + mi < tile.rows && p.dist_out != nullptr) {
-          const RvqSegment& sg = p.segments[seg];
-          if (sg.aux_offset >= 0) {
-            p.dist_out[sg.aux_offset + srow] = fmaxf(0.f, (take2 ? d2 : d1) + pr);
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < C::kR; ++r) {
-        const int i = i0 + r;
-        const bool t2 = (take2_mask >> (r << kShift)) & 1u;
-        const V c = t2 ? w2[r] : w1[r];
-        V nr = rv[r];
-        nr.x -= c.x;
-        nr.y -= c.y;
-        if constexpr (C::kVW == 4) {
-          nr.z -= c.z;
-          nr.w -= c.w;
-        }
-        *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
-        if constexpr (kLast) {
-          const int seg = __shfl_sync(0xffffffffu, my_seg, i);
-          const int srow = __shfl_sync(0xffffffffu, my_r, i);
-          if (wrow + i < tile.rows && p.residual_out != nullptr) {
-            const RvqSegment& sg = p.segments[seg];
-            if (sg.aux_offset >= 0) {
-              reinterpret_cast<V*>(p.residual_out + (sg.aux_offset + srow) * D)[lane] = nr;
+            const int seg = __shfl_sync(0xffffffffu, my_seg, i);
+            const int srow = __shfl_sync(0xffffffffu, my_r, i);
+            if (wrow + i < tile.rows && p.residual_out != nullptr) {
+              const RvqSegment& sg = p.segments[seg];
+              if (sg.aux_offset >= 0) {
+                reinterpret_cast<V*>(p.residual_out + (sg.aux_offset + srow) * D)[lane] = nr;
+              }
             }
           }
         }
       }
+      if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
     }
-    if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
   };
 
   if (wg > 0) MbarWait(go0 + 8 * wg, 0);  // the start lag behind warpgroup wg - 1
