@@ -1465,6 +1465,10 @@ __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
+// The skip configurations (kSkip) return early from their stage end's and loads' lambdas, which
+// leaves the code after the return unreachable in those instantiations (nvcc warning 128).
+#pragma nv_diagnostic push
+#pragma nv_diag_suppress 128
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, 1)
     RvqEncodePingPongKernel(const RvqEncodeParams p, const __grid_constant__ CUtensorMap tmap) {
@@ -1879,149 +1883,149 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         }
       }
       if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
-    } else {
-      // Codewords of kAhead batches in flight before the first one's arithmetic (1 in 8-11).
-      constexpr int kVB = C::kAhead + 1 < kNB ? C::kAhead + 1 : kNB;
-      V v1[kVB][C::kR], v2[kVB][C::kR];
-      uint32_t win = 0;  // lanes 0-15: the code of warp row lane
-      auto load = [&](int i0, V(&w1)[C::kR], V(&w2)[C::kR]) {
-        if constexpr (C::kSkip && !kLast) {
-          // The first candidates before anything that waits for the decision (whose norms are
-          // loads themselves).
-#pragma unroll
-          for (int r = 0; r < C::kR; ++r) {
-            const int i = i0 + r;
-            const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
-            w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
-          }
-          if (!batch_decided(i0)) {
-#pragma unroll
-            for (int r = 0; r < C::kR; ++r) {
-              const int i = i0 + r;
-              const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
-              w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
-            }
-          }
-        } else {
-#pragma unroll
-          for (int r = 0; r < C::kR; ++r) {
-            const int i = i0 + r;
-            const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
-            const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
-            w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
-            w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
-          }
-        }
-      };
-#pragma unroll
-      for (int b = 0; b < C::kAhead && b < kNB; ++b) load(b * C::kR, v1[b % kVB], v2[b % kVB]);
-#pragma unroll
-      for (int b = 0; b < kNB; ++b) {
-        const int i0 = b * C::kR;
-        if (b + C::kAhead < kNB) {
-          load((b + C::kAhead) * C::kR, v1[(b + C::kAhead) % kVB], v2[(b + C::kAhead) % kVB]);
-        }
-        const V(&w1)[C::kR] = v1[b % kVB];
-        const V(&w2)[C::kR] = v2[b % kVB];
-        if (batch_decided(i0)) {
-          // Lane l in [i0, i0 + R): row l's code is its first candidate.
-          const uint32_t w = __shfl_sync(0xffffffffu, o1[i0 >> 3], (lane & 7) * 4) / (D * 4);
-          if (lane >= i0 && lane < i0 + C::kR) win = w;
-#pragma unroll
-          for (int r = 0; r < C::kR; ++r) {
-            const int i = i0 + r;
-            V nr = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW));
-            nr.x -= w1[r].x;
-            nr.y -= w1[r].y;
-            if constexpr (C::kVW == 4) {
-              nr.z -= w1[r].z;
-              nr.w -= w1[r].w;
-            }
-            *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
-          }
-          continue;
-        }
-        V rv[C::kR];
-        float s1[C::kR], s2[C::kR], sr[C::kR];
-#pragma unroll
-        for (int r = 0; r < C::kR; ++r) {
-          rv[r] = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i0 + r, lane * C::kVW));
-          // Same operation order as variants 5-7 (fma from +0, then the reduce-scatter tree).
-          s1[r] = fmaf(rv[r].x, w1[r].x, 0.f);
-          s1[r] = fmaf(rv[r].y, w1[r].y, s1[r]);
-          s2[r] = fmaf(rv[r].x, w2[r].x, 0.f);
-          s2[r] = fmaf(rv[r].y, w2[r].y, s2[r]);
-          if constexpr (kLast) {
-            sr[r] = fmaf(rv[r].x, rv[r].x, 0.f);
-            sr[r] = fmaf(rv[r].y, rv[r].y, sr[r]);
-          }
-          if constexpr (C::kVW == 4) {
-            s1[r] = fmaf(rv[r].z, w1[r].z, s1[r]);
-            s1[r] = fmaf(rv[r].w, w1[r].w, s1[r]);
-            s2[r] = fmaf(rv[r].z, w2[r].z, s2[r]);
-            s2[r] = fmaf(rv[r].w, w2[r].w, s2[r]);
-            if constexpr (kLast) {
-              sr[r] = fmaf(rv[r].z, rv[r].z, sr[r]);
-              sr[r] = fmaf(rv[r].w, rv[r].w, sr[r]);
-            }
-          }
-        }
-        const float p1 = ReduceScatter<C::kR>(s1, lane);
-        const float p2 = ReduceScatter<C::kR>(s2, lane);
-        const int mi = i0 + myrow;  // this lane's batch row (warp row)
-        const int src = (mi & 7) * 4;
-        const uint32_t mo1 = __shfl_sync(0xffffffffu, o1[i0 >> 3], src);
-        const uint32_t mo2 = __shfl_sync(0xffffffffu, o2[i0 >> 3], src);
-        const float nn1 = __shfl_sync(0xffffffffu, n1[i0 >> 3], src);
-        const float nn2 = __shfl_sync(0xffffffffu, n2[i0 >> 3], src);
-        const float d1 = nn1 - 2.f * p1;
-        const float d2 = nn2 - 2.f * p2;
-        // Byte offsets order as indices: ties to the lower index.
-        const bool take2 = mo2 != mo1 && (d2 < d1 || (d2 == d1 && mo2 < mo1));
-        const uint32_t take2_mask = __ballot_sync(0xffffffffu, take2);
-        const uint32_t mwin = (take2 ? mo2 : mo1) / (D * 4);
-        // Lane l (l in [i0, i0 + R)) takes row l's code from that row's leader lane.
-        const uint32_t w = __shfl_sync(0xffffffffu, mwin, ((lane - i0) & (C::kR - 1)) << kShift);
-        if (lane >= i0 && lane < i0 + C::kR) win = w;
-        if constexpr (kLast) {
-          const float pr = ReduceScatter<C::kR>(sr, lane);
-          const int seg = __shfl_sync(0xffffffffu, my_seg, mi);
-          const int srow = __shfl_sync(0xffffffffu, my_r, mi);
-          const bool leader = (lane & ((1 << kShift) - 1)) == 0;
-          if (leader && wrow + mi < tile.rows && p.dist_out != nullptr) {
-            const RvqSegment& sg = p.segments[seg];
-            if (sg.aux_offset >= 0) {
-              p.dist_out[sg.aux_offset + srow] = fmaxf(0.f, (take2 ? d2 : d1) + pr);
-            }
-          }
-        }
+      return;
+    }
+    // Codewords of kAhead batches in flight before the first one's arithmetic (1 in 8-11).
+    constexpr int kVB = C::kAhead + 1 < kNB ? C::kAhead + 1 : kNB;
+    V v1[kVB][C::kR], v2[kVB][C::kR];
+    uint32_t win = 0;  // lanes 0-15: the code of warp row lane
+    auto load = [&](int i0, V(&w1)[C::kR], V(&w2)[C::kR]) {
+      if constexpr (C::kSkip && !kLast) {
+        // The first candidates before anything that waits for the decision (whose norms are
+        // loads themselves).
 #pragma unroll
         for (int r = 0; r < C::kR; ++r) {
           const int i = i0 + r;
-          const bool t2 = (take2_mask >> (r << kShift)) & 1u;
-          const V c = t2 ? w2[r] : w1[r];
-          V nr = rv[r];
-          nr.x -= c.x;
-          nr.y -= c.y;
+          const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
+          w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
+        }
+        if (!batch_decided(i0)) {
+#pragma unroll
+          for (int r = 0; r < C::kR; ++r) {
+            const int i = i0 + r;
+            const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
+            w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
+          }
+        }
+        return;
+      }
+#pragma unroll
+      for (int r = 0; r < C::kR; ++r) {
+        const int i = i0 + r;
+        const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
+        const uint32_t a2 = __shfl_sync(0xffffffffu, o2[i >> 3], (i & 7) * 4);
+        w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
+        w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
+      }
+    };
+#pragma unroll
+    for (int b = 0; b < C::kAhead && b < kNB; ++b) load(b * C::kR, v1[b % kVB], v2[b % kVB]);
+#pragma unroll
+    for (int b = 0; b < kNB; ++b) {
+      const int i0 = b * C::kR;
+      if (b + C::kAhead < kNB) {
+        load((b + C::kAhead) * C::kR, v1[(b + C::kAhead) % kVB], v2[(b + C::kAhead) % kVB]);
+      }
+      const V(&w1)[C::kR] = v1[b % kVB];
+      const V(&w2)[C::kR] = v2[b % kVB];
+      if (batch_decided(i0)) {
+        // Lane l in [i0, i0 + R): row l's code is its first candidate.
+        const uint32_t w = __shfl_sync(0xffffffffu, o1[i0 >> 3], (lane & 7) * 4) / (D * 4);
+        if (lane >= i0 && lane < i0 + C::kR) win = w;
+#pragma unroll
+        for (int r = 0; r < C::kR; ++r) {
+          const int i = i0 + r;
+          V nr = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW));
+          nr.x -= w1[r].x;
+          nr.y -= w1[r].y;
           if constexpr (C::kVW == 4) {
-            nr.z -= c.z;
-            nr.w -= c.w;
+            nr.z -= w1[r].z;
+            nr.w -= w1[r].w;
           }
           *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
+        }
+        continue;
+      }
+      V rv[C::kR];
+      float s1[C::kR], s2[C::kR], sr[C::kR];
+#pragma unroll
+      for (int r = 0; r < C::kR; ++r) {
+        rv[r] = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i0 + r, lane * C::kVW));
+        // Same operation order as variants 5-7 (fma from +0, then the reduce-scatter tree).
+        s1[r] = fmaf(rv[r].x, w1[r].x, 0.f);
+        s1[r] = fmaf(rv[r].y, w1[r].y, s1[r]);
+        s2[r] = fmaf(rv[r].x, w2[r].x, 0.f);
+        s2[r] = fmaf(rv[r].y, w2[r].y, s2[r]);
+        if constexpr (kLast) {
+          sr[r] = fmaf(rv[r].x, rv[r].x, 0.f);
+          sr[r] = fmaf(rv[r].y, rv[r].y, sr[r]);
+        }
+        if constexpr (C::kVW == 4) {
+          s1[r] = fmaf(rv[r].z, w1[r].z, s1[r]);
+          s1[r] = fmaf(rv[r].w, w1[r].w, s1[r]);
+          s2[r] = fmaf(rv[r].z, w2[r].z, s2[r]);
+          s2[r] = fmaf(rv[r].w, w2[r].w, s2[r]);
           if constexpr (kLast) {
-            const int seg = __shfl_sync(0xffffffffu, my_seg, i);
-            const int srow = __shfl_sync(0xffffffffu, my_r, i);
-            if (wrow + i < tile.rows && p.residual_out != nullptr) {
-              const RvqSegment& sg = p.segments[seg];
-              if (sg.aux_offset >= 0) {
-                reinterpret_cast<V*>(p.residual_out + (sg.aux_offset + srow) * D)[lane] = nr;
-              }
+            sr[r] = fmaf(rv[r].z, rv[r].z, sr[r]);
+            sr[r] = fmaf(rv[r].w, rv[r].w, sr[r]);
+          }
+        }
+      }
+      const float p1 = ReduceScatter<C::kR>(s1, lane);
+      const float p2 = ReduceScatter<C::kR>(s2, lane);
+      const int mi = i0 + myrow;  // this lane's batch row (warp row)
+      const int src = (mi & 7) * 4;
+      const uint32_t mo1 = __shfl_sync(0xffffffffu, o1[i0 >> 3], src);
+      const uint32_t mo2 = __shfl_sync(0xffffffffu, o2[i0 >> 3], src);
+      const float nn1 = __shfl_sync(0xffffffffu, n1[i0 >> 3], src);
+      const float nn2 = __shfl_sync(0xffffffffu, n2[i0 >> 3], src);
+      const float d1 = nn1 - 2.f * p1;
+      const float d2 = nn2 - 2.f * p2;
+      // Byte offsets order as indices: ties to the lower index.
+      const bool take2 = mo2 != mo1 && (d2 < d1 || (d2 == d1 && mo2 < mo1));
+      const uint32_t take2_mask = __ballot_sync(0xffffffffu, take2);
+      const uint32_t mwin = (take2 ? mo2 : mo1) / (D * 4);
+      // Lane l (l in [i0, i0 + R)) takes row l's code from that row's leader lane.
+      const uint32_t w = __shfl_sync(0xffffffffu, mwin, ((lane - i0) & (C::kR - 1)) << kShift);
+      if (lane >= i0 && lane < i0 + C::kR) win = w;
+      if constexpr (kLast) {
+        const float pr = ReduceScatter<C::kR>(sr, lane);
+        const int seg = __shfl_sync(0xffffffffu, my_seg, mi);
+        const int srow = __shfl_sync(0xffffffffu, my_r, mi);
+        const bool leader = (lane & ((1 << kShift) - 1)) == 0;
+        if (leader && wrow + mi < tile.rows && p.dist_out != nullptr) {
+          const RvqSegment& sg = p.segments[seg];
+          if (sg.aux_offset >= 0) {
+            p.dist_out[sg.aux_offset + srow] = fmaxf(0.f, (take2 ? d2 : d1) + pr);
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < C::kR; ++r) {
+        const int i = i0 + r;
+        const bool t2 = (take2_mask >> (r << kShift)) & 1u;
+        const V c = t2 ? w2[r] : w1[r];
+        V nr = rv[r];
+        nr.x -= c.x;
+        nr.y -= c.y;
+        if constexpr (C::kVW == 4) {
+          nr.z -= c.z;
+          nr.w -= c.w;
+        }
+        *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
+        if constexpr (kLast) {
+          const int seg = __shfl_sync(0xffffffffu, my_seg, i);
+          const int srow = __shfl_sync(0xffffffffu, my_r, i);
+          if (wrow + i < tile.rows && p.residual_out != nullptr) {
+            const RvqSegment& sg = p.segments[seg];
+            if (sg.aux_offset >= 0) {
+              reinterpret_cast<V*>(p.residual_out + (sg.aux_offset + srow) * D)[lane] = nr;
             }
           }
         }
       }
-      if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
     }
+    if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
   };
 
   if (wg > 0) MbarWait(go0 + 8 * wg, 0);  // the start lag behind warpgroup wg - 1
@@ -2068,6 +2072,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     build_a(stage);
   }
 }
+
+#pragma nv_diagnostic pop
 
 template <class C>
 constexpr auto KernelOf() {
