@@ -241,31 +241,10 @@ __device__ __forceinline__ uint32_t Half2Sat(float lo, float hi) {
 }
 
 // A fragments (fp16 x2, scale * residual, saturated) of rows r0 = wrow + g and r0 + 8 for every
-// k16 step, from the residuals in shared memory (q: the lane's column pair).
-template <class C>
+// k16 step, from the residuals in shared memory (q: the lane's column pair); kNorm: also rn.
+template <class C, bool kNorm = false>
 __device__ __forceinline__ void BuildAFrags(uint32_t (&a)[C::kKS][4], const float* res, float sc,
-                                            int r0, int q) {
-  constexpr int D = C::kD;
-  const int r1 = r0 + 8;
-#pragma unroll
-  for (int ks = 0; ks < C::kKS; ++ks) {
-    const int k0 = ks * 16 + 2 * q;
-    const float2 v00 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r0, k0));
-    const float2 v10 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r1, k0));
-    const float2 v01 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r0, k0 + 8));
-    const float2 v11 = *reinterpret_cast<const float2*>(res + ResIdx<D>(r1, k0 + 8));
-    a[ks][0] = Half2Sat(sc * v00.x, sc * v00.y);
-    a[ks][1] = Half2Sat(sc * v10.x, sc * v10.y);
-    a[ks][2] = Half2Sat(sc * v01.x, sc * v01.y);
-    a[ks][3] = Half2Sat(sc * v11.x, sc * v11.y);
-  }
-}
-
-// BuildAFrags, and the squared norms rn[h] of the fp32 residual rows r0 + 8h (every lane of
-// the row's lane quad gets them).
-template <class C>
-__device__ __forceinline__ void BuildAFragsNorm(uint32_t (&a)[C::kKS][4], const float* res,
-                                                float sc, int r0, int q, float (&rn)[2]) {
+                                            int r0, int q, float* rn = nullptr) {
   constexpr int D = C::kD;
   const int r1 = r0 + 8;
   float n0 = 0.f, n1 = 0.f;
@@ -280,21 +259,26 @@ __device__ __forceinline__ void BuildAFragsNorm(uint32_t (&a)[C::kKS][4], const 
     a[ks][1] = Half2Sat(sc * v10.x, sc * v10.y);
     a[ks][2] = Half2Sat(sc * v01.x, sc * v01.y);
     a[ks][3] = Half2Sat(sc * v11.x, sc * v11.y);
-    n0 = fmaf(v00.x, v00.x, n0);
-    n0 = fmaf(v00.y, v00.y, n0);
-    n0 = fmaf(v01.x, v01.x, n0);
-    n0 = fmaf(v01.y, v01.y, n0);
-    n1 = fmaf(v10.x, v10.x, n1);
-    n1 = fmaf(v10.y, v10.y, n1);
-    n1 = fmaf(v11.x, v11.x, n1);
-    n1 = fmaf(v11.y, v11.y, n1);
+    if constexpr (kNorm) {
+      n0 = fmaf(v00.x, v00.x, n0);
+      n0 = fmaf(v00.y, v00.y, n0);
+      n0 = fmaf(v01.x, v01.x, n0);
+      n0 = fmaf(v01.y, v01.y, n0);
+      n1 = fmaf(v10.x, v10.x, n1);
+      n1 = fmaf(v10.y, v10.y, n1);
+      n1 = fmaf(v11.x, v11.x, n1);
+      n1 = fmaf(v11.y, v11.y, n1);
+    }
   }
-  n0 += __shfl_xor_sync(0xffffffffu, n0, 1);
-  n1 += __shfl_xor_sync(0xffffffffu, n1, 1);
-  n0 += __shfl_xor_sync(0xffffffffu, n0, 2);
-  n1 += __shfl_xor_sync(0xffffffffu, n1, 2);
-  rn[0] = n0;
-  rn[1] = n1;
+  if constexpr (kNorm) {
+    // rn[h]: the squared norm of residual row r0 + 8h, in every lane of the row's lane quad.
+    n0 += __shfl_xor_sync(0xffffffffu, n0, 1);
+    n1 += __shfl_xor_sync(0xffffffffu, n1, 1);
+    n0 += __shfl_xor_sync(0xffffffffu, n0, 2);
+    n1 += __shfl_xor_sync(0xffffffffu, n1, 2);
+    rn[0] = n0;
+    rn[1] = n1;
+  }
 }
 
 __device__ __forceinline__ float SqrtApprox(float x) {
@@ -1579,7 +1563,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   float rn[2];  // kSkip: |r|^2 of rows wrow + g + 8h
   auto build_a = [&](int stage) {
     if constexpr (C::kSkip) {
-      BuildAFragsNorm<C>(a, res, tab.scale[stage], wrow + g, q, rn);
+      BuildAFrags<C, true>(a, res, tab.scale[stage], wrow + g, q, rn);
     } else {
       BuildAFrags<C>(a, res, tab.scale[stage], wrow + g, q);
     }

@@ -130,6 +130,15 @@ CodeStats Compare(const Codebook& cb, const KvShape& s, int sinks, int first_lay
   return st;
 }
 
+// A CPU fit of cfg on 512 tokens of random KV (seed + 100), 4 iterations.
+absl::StatusOr<Codebook> FitOnRandomKv(const RvqConfig& cfg, uint32_t seed) {
+  const KvShape fs{cfg.layers, 512, cfg.kv_heads, cfg.head_dim};
+  const std::vector<float> fx = testing_data::RandomKv(fs, seed + 100);
+  FitOptions fo;
+  fo.iterations = 4;
+  return FitCodebook(cfg, testing_data::SamplesFrom(fs, fx), fo);
+}
+
 class RvqEncodeTest : public ::testing::TestWithParam<EncCase> {};
 
 TEST_P(RvqEncodeTest, MatchesCpuCodec) {
@@ -139,11 +148,7 @@ TEST_P(RvqEncodeTest, MatchesCpuCodec) {
   RvqConfig cfg = RvqConfig::Uniform(model_layers, tc.heads, tc.dim, tc.k, tc.v, tc.per_head);
   std::shared_ptr<const Codebook> cb;
   if (tc.fitted) {
-    const KvShape fs{model_layers, 512, tc.heads, tc.dim};
-    const std::vector<float> fx = testing_data::RandomKv(fs, tc.seed + 100);
-    FitOptions fo;
-    fo.iterations = 4;
-    auto fit = FitCodebook(cfg, testing_data::SamplesFrom(fs, fx), fo);
+    auto fit = FitOnRandomKv(cfg, tc.seed);
     ASSERT_TRUE(fit.ok()) << fit.status();
     cb = std::make_shared<Codebook>(*std::move(fit));
   } else {
@@ -1050,11 +1055,7 @@ TEST(RvqEncodeVariants, SameCodesAsVariant13) {
     std::shared_ptr<const Codebook> cb;
     const KvShape s{tc.layers, tc.tokens, tc.heads, tc.dim};
     if (tc.codebook == 1) {
-      const KvShape fs{tc.layers, 512, tc.heads, tc.dim};
-      const std::vector<float> fx = testing_data::RandomKv(fs, tc.seed + 100);
-      FitOptions fo;
-      fo.iterations = 4;
-      auto fit = FitCodebook(cfg, testing_data::SamplesFrom(fs, fx), fo);
+      auto fit = FitOnRandomKv(cfg, tc.seed);
       ASSERT_TRUE(fit.ok()) << fit.status();
       cb = std::make_shared<Codebook>(*std::move(fit));
     } else {
