@@ -86,6 +86,14 @@ __device__ __forceinline__ int ResIdx(int row, int k) {
   return row * D + (k ^ ((row & 3) << 3));
 }
 
+// r - c, elementwise, for the float2 / float4 row slices of the rescore.
+__device__ __forceinline__ float2 SubVec(float2 r, float2 c) {
+  return make_float2(r.x - c.x, r.y - c.y);
+}
+__device__ __forceinline__ float4 SubVec(float4 r, float4 c) {
+  return make_float4(r.x - c.x, r.y - c.y, r.z - c.z, r.w - c.w);
+}
+
 __device__ __forceinline__ void Top2Merge(float& t1, float& t2, float o1, float o2) {
   const float hi = fmaxf(t1, o1);
   const float lo = fminf(t1, o1);
@@ -1776,13 +1784,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           const int i = b * C::kR + r;
           if (((und >> i) & 1u) == 0u) {
             const V c = f1[b & 1][r];
-            V nr = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW));
-            nr.x -= c.x;
-            nr.y -= c.y;
-            if constexpr (C::kVW == 4) {
-              nr.z -= c.z;
-              nr.w -= c.w;
-            }
+            const V nr =
+                SubVec(*reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)), c);
             *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
           }
         }
@@ -1855,13 +1858,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           if (live[r]) {
             const bool t2 = (take2_mask >> (r << kShift)) & 1u;
             const V c = t2 ? w2[r] : w1[r];
-            V nr = rv[r];
-            nr.x -= c.x;
-            nr.y -= c.y;
-            if constexpr (C::kVW == 4) {
-              nr.z -= c.z;
-              nr.w -= c.w;
-            }
+            const V nr = SubVec(rv[r], c);
             *reinterpret_cast<V*>(res + ResIdx<D>(wrow + rows[r], lane * C::kVW)) = nr;
           }
         }
@@ -1919,13 +1916,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
         for (int r = 0; r < C::kR; ++r) {
           const int i = i0 + r;
-          V nr = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW));
-          nr.x -= w1[r].x;
-          nr.y -= w1[r].y;
-          if constexpr (C::kVW == 4) {
-            nr.z -= w1[r].z;
-            nr.w -= w1[r].w;
-          }
+          const V nr =
+              SubVec(*reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)), w1[r]);
           *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
         }
         continue;
