@@ -94,6 +94,14 @@ __device__ __forceinline__ float4 SubVec(float4 r, float4 c) {
   return make_float4(r.x - c.x, r.y - c.y, r.z - c.z, r.w - c.w);
 }
 
+// The lane's part of r . c, in the rescore's order: fma from +0, x, y (, z, w).
+__device__ __forceinline__ float DotVec(float2 r, float2 c) {
+  return fmaf(r.y, c.y, fmaf(r.x, c.x, 0.f));
+}
+__device__ __forceinline__ float DotVec(float4 r, float4 c) {
+  return fmaf(r.w, c.w, fmaf(r.z, c.z, fmaf(r.y, c.y, fmaf(r.x, c.x, 0.f))));
+}
+
 __device__ __forceinline__ void Top2Merge(float& t1, float& t2, float o1, float o2) {
   const float hi = fmaxf(t1, o1);
   const float lo = fminf(t1, o1);
@@ -1816,16 +1824,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
         for (int r = 0; r < C::kR; ++r) {
           rv[r] = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + rows[r], lane * C::kVW));
-          s1[r] = fmaf(rv[r].x, w1[r].x, 0.f);
-          s1[r] = fmaf(rv[r].y, w1[r].y, s1[r]);
-          s2[r] = fmaf(rv[r].x, w2[r].x, 0.f);
-          s2[r] = fmaf(rv[r].y, w2[r].y, s2[r]);
-          if constexpr (C::kVW == 4) {
-            s1[r] = fmaf(rv[r].z, w1[r].z, s1[r]);
-            s1[r] = fmaf(rv[r].w, w1[r].w, s1[r]);
-            s2[r] = fmaf(rv[r].z, w2[r].z, s2[r]);
-            s2[r] = fmaf(rv[r].w, w2[r].w, s2[r]);
-          }
+          s1[r] = DotVec(rv[r], w1[r]);
+          s2[r] = DotVec(rv[r], w2[r]);
         }
         const float p1 = ReduceScatter<C::kR>(s1, lane);
         const float p2 = ReduceScatter<C::kR>(s2, lane);
