@@ -575,17 +575,20 @@ bool Sm90Usable(int dim) {
 // 160 registers (setmaxnreg, a producer warpgroup). Its ring slots are released by per-thread
 // mbarrier arrivals, which compute-sanitizer's racecheck follows (0 hazards).
 constexpr int kSm90Default = 13;
+// Variants 5 .. kLastSm90Variant are the wgmma configurations of rvq_encode_sm90.cu.
+constexpr int kLastSm90Variant = 18;
+constexpr bool IsSm90Variant(int v) { return v >= 5 && v <= kLastSm90Variant; }
 
 // Variant actually run for (dim, variant): 0 is the fastest measured configuration available
 // (a wgmma configuration on sm_90, else the mma.sync default); unsupported variants fall back
 // to 0.
 int ResolveVariant(int dim, int variant) {
-  if (variant >= 5 && variant <= 18) {
+  if (IsSm90Variant(variant)) {
     if (Sm90Usable(dim)) return variant;
     variant = 0;
   }
   if (variant >= 1 && variant <= 3 && dim != 128) variant = 0;
-  if (variant < 0 || variant > 18) variant = 0;
+  if (variant < 0 || variant > kLastSm90Variant) variant = 0;
   if (variant == 0) return Sm90Usable(dim) ? kSm90Default : 4;
   return variant;
 }
@@ -600,7 +603,7 @@ bool RvqEncodeVariantSupported(int dim, int variant) {
   if (!RvqEncodeHasTensorCorePath(dim)) return false;
   if (variant == 0 || variant == 4) return true;
   if (variant >= 1 && variant <= 3) return dim == 128;
-  if (variant >= 5 && variant <= 18) return Sm90Usable(dim);
+  if (IsSm90Variant(variant)) return Sm90Usable(dim);
   return false;
 }
 
@@ -611,6 +614,9 @@ int RvqEncodeResolvedVariant(int dim, int variant) {
 int RvqEncodeTileRows(int dim, int variant) {
   if (!RvqEncodeHasTensorCorePath(dim)) return kExactTileRows;
   const int v = ResolveVariant(dim, variant);
+#if defined(VQKV_ENCODE_SM90A)
+  if (IsSm90Variant(v)) return RvqEncodeSm90TileRows(dim, v);
+#endif
   switch (v) {
     case 1:
       return Cfg1<128>::kBM;
@@ -618,23 +624,6 @@ int RvqEncodeTileRows(int dim, int variant) {
       return Cfg2<128>::kBM;
     case 3:
       return Cfg3<128>::kBM;
-#if defined(VQKV_ENCODE_SM90A)
-    case 5:
-    case 6:
-    case 7:
-    case 8:
-    case 9:
-    case 10:
-    case 11:
-    case 12:
-    case 13:
-    case 14:
-    case 15:
-    case 16:
-    case 17:
-    case 18:
-      return RvqEncodeSm90TileRows(dim, v);
-#endif
     default:
       break;
   }
@@ -654,7 +643,7 @@ int RvqEncodeBlocksPerSm(int dim, int variant) {
   if (!RvqEncodeHasTensorCorePath(dim)) return -1;
   const int v = ResolveVariant(dim, variant);
 #if defined(VQKV_ENCODE_SM90A)
-  if (v >= 5) return RvqEncodeSm90BlocksPerSm(dim, v);
+  if (IsSm90Variant(v)) return RvqEncodeSm90BlocksPerSm(dim, v);
 #endif
   int n = -1;
   cudaError_t e = cudaErrorInvalidValue;
@@ -675,30 +664,17 @@ int RvqEncodeBlocksPerSm(int dim, int variant) {
 cudaError_t LaunchRvqEncode(const RvqEncodeParams& p, cudaStream_t stream) {
   if (p.num_tiles == 0) return cudaSuccess;
   if (!RvqEncodeHasTensorCorePath(p.dim)) return cudaErrorInvalidValue;
-  switch (ResolveVariant(p.dim, p.variant)) {
+  const int v = ResolveVariant(p.dim, p.variant);
+#if defined(VQKV_ENCODE_SM90A)
+  if (IsSm90Variant(v)) return LaunchRvqEncodeSm90(p, v, stream);
+#endif
+  switch (v) {
     case 1:
       return LaunchTc<Cfg1<128>>(p, stream);
     case 2:
       return LaunchTc<Cfg2<128>>(p, stream);
     case 3:
       return LaunchTc<Cfg3<128>>(p, stream);
-#if defined(VQKV_ENCODE_SM90A)
-    case 5:
-    case 6:
-    case 7:
-    case 8:
-    case 9:
-    case 10:
-    case 11:
-    case 12:
-    case 13:
-    case 14:
-    case 15:
-    case 16:
-    case 17:
-    case 18:
-      return LaunchRvqEncodeSm90(p, ResolveVariant(p.dim, p.variant), stream);
-#endif
     default:
       break;
   }

@@ -1460,6 +1460,12 @@ template <int D>
 using PingThreePreRows = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, true, 2>;
 template <int D>
 using PingThreeRows = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, false, 2>;
+static_assert(PingThreePre<128>::kBM == PingThree<128>::kBM &&
+                  PingThreeSkip<128>::kBM == PingThree<128>::kBM &&
+                  PingThreePreSkip<128>::kBM == PingThree<128>::kBM &&
+                  PingThreePreRows<128>::kBM == PingThree<128>::kBM &&
+                  PingThreeRows<128>::kBM == PingThree<128>::kBM,
+              "variants 13-18 share their tiles (RvqEncodeSm90TileRows)");
 
 __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
@@ -2016,6 +2022,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         s_pre = acquire();
         ci_init(acc1, cibuf + s_pre * C::kBN);
       } else {
+        // Never read (one chunk per stage), but defined: left undefined, ptxas spilled 544 bytes.
 #pragma unroll
         for (int i = 0; i < 32; ++i) acc1[i] = 0.f;
       }
@@ -2154,12 +2161,7 @@ int RvqEncodeSm90TileRows(int dim, int variant) {
          : variant == 9  ? PipeBig<128>::kBM
          : variant == 11 ? PipeBigTma<128>::kBM
          : variant == 12 ? PingTwo<128>::kBM
-         : variant == 13 ? PingThree<128>::kBM
-         : variant == 14 ? PingThreePre<128>::kBM
-         : variant == 15 ? PingThreeSkip<128>::kBM
-         : variant == 16 ? PingThreePreSkip<128>::kBM
-         : variant == 17 ? PingThreePreRows<128>::kBM
-         : variant == 18 ? PingThreeRows<128>::kBM
+         : variant >= 13 ? PingThree<128>::kBM  // 13-18: the same 192-row tiles
                          : Sm90Small<128>::kBM;
 }
 
