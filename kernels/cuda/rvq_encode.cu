@@ -573,8 +573,11 @@ bool Sm90Usable(int dim) {
 // faster than 10 side by side (95.7k against 89.1k tokens/s; docs/benchmarks-gpu.md, note 6);
 // 11% (100.0k against 90.1k, note 7) since its chunk step was trimmed and its consumers run at
 // 160 registers (setmaxnreg, a producer warpgroup). Its ring slots are released by per-thread
-// mbarrier arrivals, which compute-sanitizer's racecheck follows (0 hazards).
-constexpr int kSm90Default = 13;
+// mbarrier arrivals, which compute-sanitizer's racecheck follows (0 hazards). Since 2026-12-07
+// the default is 15: 13 whose stage ends skip the exact rescore of row batches that the
+// tensor-core scores provably decide (ScoresDecide; codes identical to 13's): 103.2k against
+// 13's 99.3k tokens/s side by side on the H200 (+3.9%; docs/benchmarks-gpu.md, note 8).
+constexpr int kSm90Default = 15;
 // Variants 5 .. kLastSm90Variant are the wgmma configurations of rvq_encode_sm90.cu.
 constexpr int kLastSm90Variant = 18;
 constexpr bool IsSm90Variant(int v) { return v >= 5 && v <= kLastSm90Variant; }
