@@ -20,7 +20,7 @@
 // RvqEncodeWgmmaPipeKernel (variants 8-11: two accumulator sets per warpgroup, so that the next
 // chunk's MMAs run during this chunk's epilogue; accumulators start from the score offsets; 10/11
 // load the chunks with TMA; see the comment above PipeCfg) and RvqEncodePingPongKernel (variants
-// 12/13, 13 the default: independent, staggered warpgroups fed by a TMA producer warp; see the
+// 12-18, 15 the default: independent, staggered warpgroups fed by a TMA producer warp; see the
 // comment above PingCfg).
 #include <cuda.h>
 

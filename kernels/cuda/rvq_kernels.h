@@ -80,7 +80,7 @@ struct RvqEncodeParams {
 };
 
 // Tile configurations (`variant`) of the tensor-core encode:
-//   0  default: the fastest clean one for this device and head dim (13 on compute capability 9.0
+//   0  default: the fastest clean one for this device and head dim (15 on compute capability 9.0
 //      for head_dim 64/128 when built with sm_90a, else 4)
 //   1-3  mma.sync alternatives for head_dim 128 (see rvq_encode.cu)
 //   4  mma.sync default tiles (any tensor-core head dim, any sm_80+ GPU)
@@ -99,7 +99,8 @@ struct RvqEncodeParams {
 //      the cp.async kernel of 8 on the same tiles
 //   14  as 13 with each chunk's score offsets loaded during the reduce two chunks before
 //   15, 16  as 13, 14 where a stage end skips the exact rescore of row batches whose tensor-core
-//      scores provably decide between the two candidates (identical codes; data-dependent)
+//      scores provably decide between the two candidates (identical codes; data-dependent);
+//      15 is the sm_90 default
 //   17, 18  as 16, 15 with that skip per row (the undecided rows gathered into batches)
 // Unsupported variants fall back to 0 everywhere. RvqEncodeTileRows gives the rows per tile of
 // the configuration that runs (for head dims without a tensor-core kernel, the exact kernel's
