@@ -41,8 +41,7 @@ if want sanitize || want memcheck; then
 fi
 if want sanitize || want racecheck; then
   # variant15 / variant15_layer_range (the default) and variant13 / variant13_layer_range: the
-  # ping-pong tiles with ring refills (the producer warp
-  # reusing slots the consumers released).
+  # ping-pong tiles with ring refills (the producer warp reusing slots the consumers released).
   rfilt='*RvqEncodeTest*/one_token:*RvqEncodeTest*/variant15:*RvqEncodeTest*/variant15_layer_range:*RvqEncodeTest*/variant13:*RvqEncodeTest*/variant13_layer_range:*RvqEncodeTest*/variant1_per_head:*RvqEncodeTest*/d96_f32:*RvqEncodeTest*/d64_bf16:*RvqEncodeTest*/d256:*RvqDecodeLayoutTest*/vllm_f16_f16tab_d64:*ScalarTest*/group7_f32:*ScalarTest*/odd_dim33:*FitTest*/fewer_points_than_k:*FitTest*/d64_per_head'
   timeout ${RACECHECK_T:-200} "$CS" --tool racecheck --error-exitcode 99 \
     "$here/bin/vqkv_gpu_tests" --gtest_brief=1 --gtest_filter="${RACECHECK_FILTER:-$rfilt}" >"$OUT/racecheck.log" 2>&1
