@@ -352,10 +352,8 @@ void EncodeBench(const Flags& f, const kc::DeviceCodebook& dcb, double mma_tf, c
           "ping-pong: 3 warpgroups + TMA producer warp, 192-row tiles, 8-chunk ring",
           "as 13 with the score offsets loaded one chunk step early",
           "as 13, rescore skipped where the tensor-core scores decide",
-          "as 14, rescore skipped where the tensor-core scores decide",
-          "as 16, per row (undecided rows gathered)",
-          "as 15, per row (undecided rows gathered)"};
-      for (int variant = 1; variant <= 18; ++variant) {
+          "as 14, rescore skipped where the tensor-core scores decide"};
+      for (int variant = 1; variant <= 16; ++variant) {
         const int rv = kc::RvqEncodeResolvedVariant(cfg.head_dim, variant);
         if (rv != variant) continue;  // not available here (e.g. no sm_90a)
         kc::GpuRvqOptions ov = o;

@@ -579,7 +579,7 @@ bool Sm90Usable(int dim) {
 // 13's 99.3k tokens/s side by side on the H200 (+3.9%; docs/benchmarks-gpu.md, note 8).
 constexpr int kSm90Default = 15;
 // Variants 5 .. kLastSm90Variant are the wgmma configurations of rvq_encode_sm90.cu.
-constexpr int kLastSm90Variant = 18;
+constexpr int kLastSm90Variant = 16;
 constexpr bool IsSm90Variant(int v) { return v >= 5 && v <= kLastSm90Variant; }
 
 // Variant actually run for (dim, variant): 0 is the fastest measured configuration available

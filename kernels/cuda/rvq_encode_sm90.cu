@@ -20,7 +20,7 @@
 // RvqEncodeWgmmaPipeKernel (variants 8-11: two accumulator sets per warpgroup, so that the next
 // chunk's MMAs run during this chunk's epilogue; accumulators start from the score offsets; 10/11
 // load the chunks with TMA; see the comment above PipeCfg) and RvqEncodePingPongKernel (variants
-// 12-18, 15 the default: independent, staggered warpgroups fed by a TMA producer warp; see the
+// 12-16, 15 the default: independent, staggered warpgroups fed by a TMA producer warp; see the
 // comment above PingCfg).
 #include <cuda.h>
 
@@ -92,14 +92,6 @@ __device__ __forceinline__ float2 SubVec(float2 r, float2 c) {
 }
 __device__ __forceinline__ float4 SubVec(float4 r, float4 c) {
   return make_float4(r.x - c.x, r.y - c.y, r.z - c.z, r.w - c.w);
-}
-
-// The lane's part of r . c, in the rescore's order: fma from +0, x, y (, z, w).
-__device__ __forceinline__ float DotVec(float2 r, float2 c) {
-  return fmaf(r.y, c.y, fmaf(r.x, c.x, 0.f));
-}
-__device__ __forceinline__ float DotVec(float4 r, float4 c) {
-  return fmaf(r.w, c.w, fmaf(r.z, c.z, fmaf(r.y, c.y, fmaf(r.x, c.x, 0.f))));
 }
 
 __device__ __forceinline__ void Top2Merge(float& t1, float& t2, float o1, float o2) {
@@ -1391,7 +1383,7 @@ struct PingCfg {
   static constexpr int kD = D_;
   // SKIP_ 1: at a stage's end, row batches whose tensor-core scores already decide between their
   // two candidates (ScoresDecide; identical codes) skip the exact rescore: one codeword load per
-  // row and the residual update. 2: the same per row, the undecided rows gathered into batches.
+  // row and the residual update.
   static constexpr int kSkip = SKIP_;
   // PRE_: chunk c + 2's score offsets are loaded into the accumulator set that chunk c's
   // reduce frees, during that reduce, so that chunk c + 2's MMAs issue without waiting on them.
@@ -1455,17 +1447,10 @@ template <int D>
 using PingThreeSkip = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, false, 1>;
 template <int D>
 using PingThreePreSkip = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, true, 1>;
-// Variant 17: 14 with the per-row skip (kSkip 2); 18: 13 with it.
-template <int D>
-using PingThreePreRows = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, true, 2>;
-template <int D>
-using PingThreeRows = PingCfg<D, 3, (D == 128 ? 8 : 16), 1, 160, 24, false, 2>;
 static_assert(PingThreePre<128>::kBM == PingThree<128>::kBM &&
                   PingThreeSkip<128>::kBM == PingThree<128>::kBM &&
-                  PingThreePreSkip<128>::kBM == PingThree<128>::kBM &&
-                  PingThreePreRows<128>::kBM == PingThree<128>::kBM &&
-                  PingThreeRows<128>::kBM == PingThree<128>::kBM,
-              "variants 13-18 share their tiles (RvqEncodeSm90TileRows)");
+                  PingThreePreSkip<128>::kBM == PingThree<128>::kBM,
+              "variants 13-16 share their tiles (RvqEncodeSm90TileRows)");
 
 __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
@@ -1764,114 +1749,6 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         return false;
       }
     };
-    if constexpr (C::kSkip == 2 && !kLast) {
-      // Compacted: every decided row takes c1 (one codeword load, the residual update); the
-      // undecided rows, gathered R at a time, get the exact rescore. Each row's sums are those of
-      // the batches above (the same FMA chains and reduction tree, whichever slot it takes).
-      const int lrow = lane & 15;
-      const uint32_t ldec = (lrow & 8) ? dec[1] : dec[0];
-      const uint32_t und =
-          __ballot_sync(0xffffffffu, lane < 16 && ((ldec >> (4 * (lrow & 7))) & 1u) == 0u);
-      uint32_t win;  // lanes 0-15: the code of warp row lane
-      {
-        const uint32_t w0 = __shfl_sync(0xffffffffu, o1[0], (lane & 7) * 4);
-        const uint32_t w1 = __shfl_sync(0xffffffffu, o1[1], (lane & 7) * 4);
-        win = ((lane & 8) ? w1 : w0) / (D * 4);
-      }
-      // Every row's first candidate, whether decided or not: loads that do not wait for the
-      // decision (its norms are loads themselves).
-      V f1[2][C::kR];
-      auto load1 = [&](int i0, V(&w)[C::kR]) {
-#pragma unroll
-        for (int r = 0; r < C::kR; ++r) {
-          const int i = i0 + r;
-          const uint32_t a1 = __shfl_sync(0xffffffffu, o1[i >> 3], (i & 7) * 4);
-          w[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
-        }
-      };
-      load1(0, f1[0]);
-#pragma unroll
-      for (int b = 0; b < kNB; ++b) {
-        if (b + 1 < kNB) load1((b + 1) * C::kR, f1[(b + 1) & 1]);
-#pragma unroll
-        for (int r = 0; r < C::kR; ++r) {
-          const int i = b * C::kR + r;
-          if (((und >> i) & 1u) == 0u) {
-            const V c = f1[b & 1][r];
-            const V nr =
-                SubVec(*reinterpret_cast<const V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)), c);
-            *reinterpret_cast<V*>(res + ResIdx<D>(wrow + i, lane * C::kVW)) = nr;
-          }
-        }
-      }
-      for (uint32_t left = und; left != 0u;) {
-        int rows[C::kR];
-        bool live[C::kR];
-        live[0] = true;
-        rows[0] = __ffs(left) - 1;
-        left &= left - 1u;
-#pragma unroll
-        for (int r = 1; r < C::kR; ++r) {
-          live[r] = left != 0u;
-          rows[r] = live[r] ? __ffs(left) - 1 : rows[0];
-          left &= left - 1u;
-        }
-        V w1[C::kR], w2[C::kR], rv[C::kR];
-#pragma unroll
-        for (int r = 0; r < C::kR; ++r) {
-          const int i = rows[r];
-          const int src = (i & 7) * 4;
-          const uint32_t a1 = __shfl_sync(0xffffffffu, (i & 8) ? o1[1] : o1[0], src);
-          const uint32_t a2 = __shfl_sync(0xffffffffu, (i & 8) ? o2[1] : o2[0], src);
-          w1[r] = __ldg(reinterpret_cast<const V*>(cb32 + a1));
-          w2[r] = __ldg(reinterpret_cast<const V*>(cb32 + a2));
-        }
-        float s1[C::kR], s2[C::kR];
-#pragma unroll
-        for (int r = 0; r < C::kR; ++r) {
-          rv[r] = *reinterpret_cast<const V*>(res + ResIdx<D>(wrow + rows[r], lane * C::kVW));
-          s1[r] = DotVec(rv[r], w1[r]);
-          s2[r] = DotVec(rv[r], w2[r]);
-        }
-        const float p1 = ReduceScatter<C::kR>(s1, lane);
-        const float p2 = ReduceScatter<C::kR>(s2, lane);
-        int mi = rows[0];  // this lane's batch row (warp row)
-#pragma unroll
-        for (int r = 1; r < C::kR; ++r) {
-          if (myrow == r) mi = rows[r];
-        }
-        const int src = (mi & 7) * 4;
-        const bool hi = (mi & 8) != 0;
-        const uint32_t mo1a = __shfl_sync(0xffffffffu, o1[0], src);
-        const uint32_t mo1b = __shfl_sync(0xffffffffu, o1[1], src);
-        const uint32_t mo2a = __shfl_sync(0xffffffffu, o2[0], src);
-        const uint32_t mo2b = __shfl_sync(0xffffffffu, o2[1], src);
-        const float nn1a = __shfl_sync(0xffffffffu, n1[0], src);
-        const float nn1b = __shfl_sync(0xffffffffu, n1[1], src);
-        const float nn2a = __shfl_sync(0xffffffffu, n2[0], src);
-        const float nn2b = __shfl_sync(0xffffffffu, n2[1], src);
-        const uint32_t mo1 = hi ? mo1b : mo1a;
-        const uint32_t mo2 = hi ? mo2b : mo2a;
-        const float d1 = (hi ? nn1b : nn1a) - 2.f * p1;
-        const float d2 = (hi ? nn2b : nn2a) - 2.f * p2;
-        const bool take2 = mo2 != mo1 && (d2 < d1 || (d2 == d1 && mo2 < mo1));
-        const uint32_t take2_mask = __ballot_sync(0xffffffffu, take2);
-        const uint32_t mwin = (take2 ? mo2 : mo1) / (D * 4);
-#pragma unroll
-        for (int r = 0; r < C::kR; ++r) {
-          const uint32_t w = __shfl_sync(0xffffffffu, mwin, r << kShift);
-          if (live[r] && lane == rows[r]) win = w;
-          if (live[r]) {
-            const bool t2 = (take2_mask >> (r << kShift)) & 1u;
-            const V c = t2 ? w2[r] : w1[r];
-            const V nr = SubVec(rv[r], c);
-            *reinterpret_cast<V*>(res + ResIdx<D>(wrow + rows[r], lane * C::kVW)) = nr;
-          }
-        }
-      }
-      if (lane < 16 && my_valid) p.codes[my_code + stage] = static_cast<uint16_t>(win);
-      return;
-    }
     // Codewords of kAhead batches in flight before the first one's arithmetic (1 in 8-11).
     constexpr int kVB = C::kAhead + 1 < kNB ? C::kAhead + 1 : kNB;
     V v1[kVB][C::kR], v2[kVB][C::kR];
@@ -2161,7 +2038,7 @@ int RvqEncodeSm90TileRows(int dim, int variant) {
          : variant == 9  ? PipeBig<128>::kBM
          : variant == 11 ? PipeBigTma<128>::kBM
          : variant == 12 ? PingTwo<128>::kBM
-         : variant >= 13 ? PingThree<128>::kBM  // 13-18: the same 192-row tiles
+         : variant >= 13 ? PingThree<128>::kBM  // 13-16: the same 192-row tiles
                          : Sm90Small<128>::kBM;
 }
 
@@ -2191,10 +2068,6 @@ auto DispatchSm90(int variant, F&& f) {
       return f(static_cast<PingThreeSkip<D>*>(nullptr));
     case 16:
       return f(static_cast<PingThreePreSkip<D>*>(nullptr));
-    case 17:
-      return f(static_cast<PingThreePreRows<D>*>(nullptr));
-    case 18:
-      return f(static_cast<PingThreeRows<D>*>(nullptr));
     default:
       return f(static_cast<Sm90Small<D>*>(nullptr));
   }

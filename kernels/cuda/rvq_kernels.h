@@ -101,7 +101,6 @@ struct RvqEncodeParams {
 //   15, 16  as 13, 14 where a stage end skips the exact rescore of row batches whose tensor-core
 //      scores provably decide between the two candidates (identical codes; data-dependent);
 //      15 is the sm_90 default
-//   17, 18  as 16, 15 with that skip per row (the undecided rows gathered into batches)
 // Unsupported variants fall back to 0 everywhere. RvqEncodeTileRows gives the rows per tile of
 // the configuration that runs (for head dims without a tensor-core kernel, the exact kernel's
 // tile size); it and LaunchRvqEncode resolve `variant` the same way for the current device.
