@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Simulation (CPU, numpy) of how often encode variants 15-18 skip the exact rescore.
+"""Simulation (CPU, numpy) of how often encode variants 15 and 16 skip the exact rescore.
 
 The fraction of rows whose two candidates (the best score and the best of the other seven lane
 classes, col % 8) are decided by ScoresDecide's error bound (kernels/cuda/rvq_encode_sm90.cu) on
